@@ -1,0 +1,79 @@
+"""The Discord client: intents, mention safety, extensions and command sync."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import discord
+from discord.ext import commands
+
+from bot.chat import ChatService
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.chat", "cogs.admin")
+
+
+class ChatBot(commands.Bot):
+    """A bot that answers mentions and DMs through a `ChatService` handed in by `main()`."""
+
+    def __init__(self, *, settings: Settings, chat: ChatService) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the Developer Portal too
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            # Nothing the bot posts may ping anyone, whatever the model writes.
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+        )
+        self.settings = settings
+        self.chat = chat
+        self.accepting = True
+        self.started_at = time.monotonic()
+        self._handlers: set[asyncio.Task[object]] = set()
+
+    async def setup_hook(self) -> None:
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """To DEV_GUILD_ID when set (instant), globally otherwise (may take a while to show)."""
+        guild_id = self.settings.dev_guild_id
+        if guild_id is not None:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d slash commands to guild %s", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d slash commands globally", len(synced))
+
+    async def on_ready(self) -> None:
+        assert self.user is not None
+        log.info("logged in as %s (id %s) in %d servers", self.user, self.user.id, len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        """Replaces `commands.Bot`'s prefix-command handling: this bot has slash commands only."""
+
+    # ----- graceful shutdown -------------------------------------------------------------------
+
+    def track(self, task: asyncio.Task[object]) -> None:
+        """Remember a message handler so shutdown can wait for it."""
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for message handlers in progress; True if none is left."""
+        pending = {t for t in self._handlers if t is not asyncio.current_task()}
+        if not pending:
+            return True
+        _, still = await asyncio.wait(pending, timeout=timeout)
+        return not still

@@ -1,0 +1,194 @@
+"""Listening: when to answer (mention or DM), cleaning the text, typing, replying and splitting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import discord
+from discord.ext import commands
+
+from bot.chat import CLOSING_TEXT
+from bot.types import Conversation
+
+if TYPE_CHECKING:
+    from bot.client import ChatBot
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000
+EMPTY_MENTION_TEXT = "Hi! Write something after the mention and I'll answer. In a DM, no mention is needed."
+ATTACHMENT_ONLY_TEXT = "I can only read text, not attachments. Tell me in words what you'd like to talk about."
+COOLDOWN_TEXT = "You're sending messages faster than I can answer. Wait {seconds:.0f}s, then ask again."
+
+_USER = re.compile(r"<@!?(\d+)>")
+_ROLE = re.compile(r"<@&(\d+)>")
+_CHANNEL = re.compile(r"<#(\d+)>")
+_EMOJI = re.compile(r"<a?:(\w+):\d+>")
+_SPACES = re.compile(r"[ \t\r\f\v]+")
+
+
+def clean_text(
+    content: str,
+    *,
+    bot_id: int,
+    bot_role_id: int | None = None,
+    users: Mapping[int, str] | None = None,
+    roles: Mapping[int, str] | None = None,
+    channels: Mapping[int, str] | None = None,
+) -> str:
+    """The text the model should see: the bot's own mentions removed, others made readable."""
+    users, roles, channels = users or {}, roles or {}, channels or {}
+
+    def user(match: re.Match[str]) -> str:
+        uid = int(match.group(1))
+        return " " if uid == bot_id else "@" + users.get(uid, "someone")
+
+    def role(match: re.Match[str]) -> str:
+        rid = int(match.group(1))
+        return " " if rid == bot_role_id else "@" + roles.get(rid, "role")
+
+    text = content.replace("\x00", "")
+    text = _USER.sub(user, text)
+    text = _ROLE.sub(role, text)
+    text = _CHANNEL.sub(lambda m: "#" + channels.get(int(m.group(1)), "channel"), text)
+    text = _EMOJI.sub(lambda m: f":{m.group(1)}:", text)
+    lines = [_SPACES.sub(" ", line).strip() for line in text.splitlines()]
+    return "\n".join(line for line in lines if line).strip()
+
+
+def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """Cut text into pieces Discord accepts, preferring line breaks, then spaces."""
+    chunks: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        cut = rest.rfind("\n", 0, limit + 1)
+        if cut < limit // 2:
+            cut = rest.rfind(" ", 0, limit + 1)
+        if cut < limit // 2:
+            cut = limit
+        chunks.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        chunks.append(rest)
+    return chunks
+
+
+class Chat(commands.Cog):
+    """Answers @mentions in servers and every message in DMs."""
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+        seconds = bot.settings.user_cooldown_seconds
+        self.cooldown = (
+            commands.CooldownMapping.from_cooldown(1, seconds, commands.BucketType.user) if seconds > 0 else None
+        )
+        self._noticed_until: dict[int, float] = {}
+
+    def addressed_to_me(self, message: discord.Message) -> bool:
+        me = self.bot.user
+        if me is None or message.author.bot or message.webhook_id is not None:
+            return False
+        if message.author.id == me.id or message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return False
+        if message.guild is None:
+            return True
+        if me in message.mentions:
+            return True
+        own_role = message.guild.self_role
+        return own_role is not None and own_role in message.role_mentions
+
+    def text_for_model(self, message: discord.Message) -> str:
+        assert self.bot.user is not None
+        own_role = message.guild.self_role if message.guild else None
+        return clean_text(
+            message.content,
+            bot_id=self.bot.user.id,
+            bot_role_id=own_role.id if own_role else None,
+            users={u.id: u.display_name for u in message.mentions},
+            roles={r.id: r.name for r in message.role_mentions},
+            channels={c.id: getattr(c, "name", "channel") for c in message.channel_mentions},
+        )
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if not self.addressed_to_me(message):
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.bot.track(task)
+        try:
+            await self.answer(message)
+        except Exception:
+            log.exception("could not answer message %s in channel %s", message.id, message.channel.id)
+
+    async def answer(self, message: discord.Message) -> None:
+        if not self.bot.accepting:
+            await self.send(message, CLOSING_TEXT)
+            return
+        text = self.text_for_model(message)
+        if not text:
+            await self.send(message, ATTACHMENT_ONLY_TEXT if message.attachments else EMPTY_MENTION_TEXT)
+            return
+        if await self.cooling_down(message):
+            return
+        log.debug("message %s in %s: %r", message.id, message.channel.id, text)
+        conversation = Conversation(message.channel.id, message.guild.id if message.guild else None)
+        async with typing_in(message.channel):
+            reply = await self.bot.chat.respond(conversation, message.author.id, text)
+        await self.send(message, reply.text)
+
+    async def cooling_down(self, message: discord.Message) -> bool:
+        """True if the author is over the rate; they get one notice per cooldown, not one per message."""
+        if self.cooldown is None:
+            return False
+        retry_after = self.cooldown.update_rate_limit(message)
+        if not retry_after:
+            return False
+        now = time.monotonic()
+        self._noticed_until = {uid: t for uid, t in self._noticed_until.items() if t > now}
+        if message.author.id not in self._noticed_until:
+            self._noticed_until[message.author.id] = now + retry_after
+            await self.send(message, COOLDOWN_TEXT.format(seconds=max(1.0, retry_after)))
+        return True
+
+    async def send(self, message: discord.Message, text: str) -> None:
+        """Reply to `message` without pinging anyone; long text arrives in several messages."""
+        reference = message.to_reference(fail_if_not_exists=False)
+        quiet = discord.AllowedMentions.none()
+        for index, chunk in enumerate(split_message(text)):
+            try:
+                await message.channel.send(
+                    chunk,
+                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
+                    allowed_mentions=quiet,
+                    mention_author=False,
+                )
+            except discord.HTTPException as exc:
+                log.warning("could not post in channel %s: %s", message.channel.id, exc)
+                return
+
+
+@asynccontextmanager
+async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
+    """Show the typing indicator while the body runs; a channel that refuses it is not an error."""
+    typing = channel.typing()
+    try:
+        await typing.__aenter__()
+    except discord.HTTPException as exc:
+        log.debug("no typing indicator: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        await typing.__aexit__(None, None, None)
+
+
+async def setup(bot: ChatBot) -> None:
+    await bot.add_cog(Chat(bot))

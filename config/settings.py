@@ -1,0 +1,152 @@
+"""Settings: the only place that reads the environment or `.env`.
+
+Every value is parsed and validated here; a bad value raises `SettingsError` with one line that
+names the key, so the entrypoint can print it and exit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from dotenv import dotenv_values
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    discord_token: str | None
+    model_name: str = "facebook/blenderbot-400M-distill"
+    device: str = "auto"
+    precision: str = "auto"
+    history_turns: int = 12
+    history_db: Path = Path("data/history.sqlite3")
+    dev_guild_id: int | None = None
+    log_level: str = "INFO"
+    # Generation overrides; None keeps the model's own generation_config value.
+    num_beams: int | None = None
+    min_new_tokens: int | None = None
+    max_new_tokens: int | None = None
+    # Engine scheduling.
+    max_batch: int = 8
+    batch_window_ms: int = 20
+    max_queue: int = 32
+    generation_timeout_seconds: float = 60.0
+    # Chat behaviour.
+    user_cooldown_seconds: float = 3.0
+    shutdown_grace_seconds: float = 20.0
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(key: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{key} must be a whole number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise SettingsError(f"{key} must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float) -> Callable[[str, str], float]:
+    def parse(key: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{key} must be a number, got {raw!r}") from None
+        if not value >= minimum:  # also rejects NaN
+            raise SettingsError(f"{key} must be at least {minimum}, got {raw}")
+        return value
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str, str], str]:
+    def parse(key: str, raw: str) -> str:
+        value = raw.upper() if upper else raw.lower()
+        if value not in choices:
+            raise SettingsError(f"{key} must be one of {', '.join(choices)}; got {raw!r}")
+        return value
+
+    return parse
+
+
+def _snowflake(key: str, raw: str) -> int:
+    if not raw.isdigit() or not 15 <= len(raw) <= 21:
+        raise SettingsError(f"{key} must be a Discord id (a number of 15 to 21 digits), got {raw!r}")
+    return int(raw)
+
+
+def _token(key: str, raw: str) -> str:
+    if any(ch.isspace() for ch in raw):
+        raise SettingsError(f"{key} must not contain spaces (paste only the token itself)")
+    return raw
+
+
+def _text(key: str, raw: str) -> str:
+    return raw
+
+
+# key -> (dataclass field, parser). Empty values count as unset.
+_PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "DISCORD_TOKEN": ("discord_token", _token),
+    "MODEL_NAME": ("model_name", _text),
+    "DEVICE": ("device", _choice(DEVICES)),
+    "PRECISION": ("precision", _choice(PRECISIONS)),
+    "HISTORY_TURNS": ("history_turns", _int(0, 1000)),
+    "HISTORY_DB": ("history_db", lambda key, raw: Path(raw)),
+    "DEV_GUILD_ID": ("dev_guild_id", _snowflake),
+    "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS, upper=True)),
+    "NUM_BEAMS": ("num_beams", _int(1, 64)),
+    "MIN_NEW_TOKENS": ("min_new_tokens", _int(0, 4096)),
+    "MAX_NEW_TOKENS": ("max_new_tokens", _int(1, 4096)),
+    "MAX_BATCH": ("max_batch", _int(1, 256)),
+    "BATCH_WINDOW_MS": ("batch_window_ms", _int(0, 10_000)),
+    "MAX_QUEUE": ("max_queue", _int(1, 100_000)),
+    "GENERATION_TIMEOUT_SECONDS": ("generation_timeout_seconds", _float(0.1)),
+    "USER_COOLDOWN_SECONDS": ("user_cooldown_seconds", _float(0.0)),
+    "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0.0)),
+}
+
+SETTING_KEYS = tuple(_PARSERS)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+) -> Settings:
+    """Read settings from `.env` (if present) overlaid by the process environment.
+
+    The environment wins over `.env`, as python-dotenv's `load_dotenv(override=False)` would.
+    """
+    values: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+
+    fields: dict[str, object] = {}
+    for key, (field, parse) in _PARSERS.items():
+        raw = values.get(key, "").strip()
+        if raw:
+            fields[field] = parse(key, raw)
+    fields.setdefault("discord_token", None)
+    settings = Settings(**fields)  # type: ignore[arg-type]
+    if (
+        settings.min_new_tokens is not None
+        and settings.max_new_tokens is not None
+        and settings.min_new_tokens > settings.max_new_tokens
+    ):
+        raise SettingsError(
+            f"MIN_NEW_TOKENS ({settings.min_new_tokens}) must not exceed MAX_NEW_TOKENS ({settings.max_new_tokens})"
+        )
+    return settings
