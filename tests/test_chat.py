@@ -1,0 +1,106 @@
+"""ChatService with a scripted engine: locking, ordering, storage and every failure path."""
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
+from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
+from bot.history import HistoryStore
+from bot.types import Conversation, Turn
+
+A = Conversation(1, 100)
+B = Conversation(2, 100)
+
+
+class ScriptedEngine:
+    """Answers with the text it was asked about; can be told to fail or to wait."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[Turn]] = []
+        self.fail: Exception | None = None
+        self.answer: str | None = None
+        self.gate: asyncio.Event | None = None
+
+    async def reply(self, history: Sequence[Turn]) -> str:
+        self.seen.append(list(history))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        return self.answer if self.answer is not None else "re: " + history[-1].text
+
+    def stats(self):  # pragma: no cover - not used here
+        raise NotImplementedError
+
+
+@pytest.fixture
+def engine() -> ScriptedEngine:
+    return ScriptedEngine()
+
+
+@pytest.fixture
+def chat(engine: ScriptedEngine, tmp_path: Path) -> ChatService:
+    return ChatService(engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))
+
+
+async def test_stores_both_turns_and_sends_history(chat: ChatService, engine: ScriptedEngine) -> None:
+    first = await chat.respond(A, 7, "hi")
+    assert first.ok and first.text == "re: hi"
+    await chat.respond(A, 7, "again")
+    assert engine.seen[-1] == [Turn("user", "hi"), Turn("bot", "re: hi"), Turn("user", "again")]
+
+
+async def test_conversations_never_mix(chat: ChatService, engine: ScriptedEngine) -> None:
+    await chat.respond(A, 7, "secret in A")
+    await chat.respond(B, 8, "hello B")
+    assert engine.seen[-1] == [Turn("user", "hello B")]
+
+
+async def test_same_conversation_strictly_in_order(chat: ChatService, engine: ScriptedEngine) -> None:
+    engine.gate = asyncio.Event()
+    first = asyncio.create_task(chat.respond(A, 7, "one"))
+    second = asyncio.create_task(chat.respond(A, 7, "two"))
+    other = asyncio.create_task(chat.respond(B, 7, "other"))
+    await asyncio.sleep(0.01)
+    assert [h[-1].text for h in engine.seen] == ["one", "other"]  # "two" waits for "one"
+    engine.gate.set()
+    await asyncio.gather(first, second, other)
+    assert engine.seen[-1] == [Turn("user", "one"), Turn("bot", "re: one"), Turn("user", "two")]
+    assert chat._locks == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (EngineBusy("full"), BUSY_TEXT),
+        (GenerationTimeout("slow"), TIMEOUT_TEXT),
+        (EngineClosed("bye"), CLOSING_TEXT),
+        (RuntimeError("CUDA out of memory"), ERROR_TEXT),
+    ],
+)
+async def test_failures_become_notices_and_store_nothing(
+    chat: ChatService, engine: ScriptedEngine, error: Exception, text: str
+) -> None:
+    engine.fail = error
+    reply = await chat.respond(A, 7, "hi")
+    assert reply.text == text and not reply.ok
+    assert "Traceback" not in reply.text and "CUDA" not in reply.text
+    assert chat.history.get(A) == []
+
+
+async def test_blank_model_output_gets_a_notice(chat: ChatService, engine: ScriptedEngine) -> None:
+    engine.answer = "   "
+    reply = await chat.respond(A, 7, "hi")
+    assert reply.text == EMPTY_REPLY_TEXT and not reply.ok
+    assert chat.history.get(A) == []
+
+
+async def test_reset_forget_and_in_flight(chat: ChatService) -> None:
+    await chat.respond(A, 7, "a")
+    await chat.respond(B, 8, "b")
+    assert chat.forget_user(8) == 2 and chat.history.get(B) == []
+    assert chat.reset(A) == 2 and chat.history.get(A) == []
+    assert chat.in_flight == 0

@@ -1,0 +1,85 @@
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from bot.history import SCHEMA_VERSION, HistoryStore
+from bot.types import Conversation, Turn
+
+A = Conversation(channel_id=1, guild_id=100)
+B = Conversation(channel_id=2, guild_id=100)
+OTHER_GUILD = Conversation(channel_id=3, guild_id=200)
+DM = Conversation(channel_id=4, guild_id=None)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> HistoryStore:
+    s = HistoryStore(tmp_path / "h.sqlite3", max_turns=4)
+    yield s
+    s.close()
+
+
+def test_append_and_get_in_order(store: HistoryStore) -> None:
+    store.append(A, 7, Turn("user", "hi"), Turn("bot", "hello"))
+    assert store.get(A) == [Turn("user", "hi"), Turn("bot", "hello")]
+    assert store.get(B) == []
+
+
+def test_bounded_to_newest_turns(store: HistoryStore) -> None:
+    for i in range(5):
+        store.append(A, 7, Turn("user", f"q{i}"), Turn("bot", f"a{i}"))
+    assert [t.text for t in store.get(A)] == ["q3", "a3", "q4", "a4"]
+    assert store.counts() == (1, 4)  # trimmed on disk too
+
+
+def test_reset_only_touches_one_conversation(store: HistoryStore) -> None:
+    store.append(A, 7, Turn("user", "a"), Turn("bot", "b"))
+    store.append(B, 7, Turn("user", "c"), Turn("bot", "d"))
+    assert store.reset(A) == 2
+    assert store.get(A) == [] and len(store.get(B)) == 2
+
+
+def test_reset_guild_keeps_other_guilds_and_dms(store: HistoryStore) -> None:
+    for conv in (A, B, OTHER_GUILD, DM):
+        store.append(conv, 7, Turn("user", "x"), Turn("bot", "y"))
+    assert store.reset_guild(100) == 4
+    assert store.get(A) == store.get(B) == []
+    assert len(store.get(OTHER_GUILD)) == 2 and len(store.get(DM)) == 2
+
+
+def test_forget_user_everywhere(store: HistoryStore) -> None:
+    store.append(A, 7, Turn("user", "mine"), Turn("bot", "to me"))
+    store.append(A, 8, Turn("user", "theirs"), Turn("bot", "to them"))
+    store.append(DM, 7, Turn("user", "dm"), Turn("bot", "dm reply"))
+    assert store.forget_user(7) == 4
+    assert store.get(A) == [Turn("user", "theirs"), Turn("bot", "to them")]
+    assert store.get(DM) == []
+
+
+def test_survives_reopen_and_is_versioned(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    first = HistoryStore(path, max_turns=10)
+    first.append(A, 7, Turn("user", "remember me"), Turn("bot", "I will"))
+    first.reset(B)
+    first.close()
+    second = HistoryStore(path, max_turns=10)
+    assert [t.text for t in second.get(A)] == ["remember me", "I will"]
+    second.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_refuses_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer version"):
+        HistoryStore(path, max_turns=4)
+
+
+def test_odd_text_stored_verbatim(store: HistoryStore) -> None:
+    text = "zalgo z̷̢̛a̶l̸g̵o، עברית \u202e 🙂 '; DROP TABLE turns; --"
+    store.append(DM, 7, Turn("user", text), Turn("bot", "ok"))
+    assert store.get(DM)[0].text == text

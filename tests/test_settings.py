@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from config.settings import SETTING_KEYS, Settings, SettingsError, load_settings
+
+
+def test_defaults_without_environment() -> None:
+    s = load_settings({}, env_file=None)
+    assert s == Settings(discord_token=None)
+    assert s.model_name == "facebook/blenderbot-400M-distill"
+    assert s.device == "auto" and s.precision == "auto"
+
+
+def test_every_key_parsed() -> None:
+    s = load_settings(
+        {
+            "DISCORD_TOKEN": "abc.def.ghi",
+            "MODEL_NAME": "/models/tiny",
+            "DEVICE": "CPU",
+            "PRECISION": "int8",
+            "HISTORY_TURNS": "4",
+            "HISTORY_DB": "/tmp/h.db",
+            "DEV_GUILD_ID": "123456789012345678",
+            "LOG_LEVEL": "debug",
+            "NUM_BEAMS": "3",
+            "MIN_NEW_TOKENS": "5",
+            "MAX_NEW_TOKENS": "9",
+            "MAX_BATCH": "4",
+            "BATCH_WINDOW_MS": "0",
+            "MAX_QUEUE": "7",
+            "GENERATION_TIMEOUT_SECONDS": "2.5",
+            "USER_COOLDOWN_SECONDS": "0",
+            "SHUTDOWN_GRACE_SECONDS": "1",
+        },
+        env_file=None,
+    )
+    assert s.discord_token == "abc.def.ghi"
+    assert s.device == "cpu" and s.log_level == "DEBUG"
+    assert s.history_turns == 4 and s.history_db == Path("/tmp/h.db")
+    assert s.dev_guild_id == 123456789012345678
+    assert (s.num_beams, s.min_new_tokens, s.max_new_tokens) == (3, 5, 9)
+    assert (s.max_batch, s.batch_window_ms, s.max_queue) == (4, 0, 7)
+    assert s.generation_timeout_seconds == 2.5 and s.user_cooldown_seconds == 0.0
+
+
+def test_empty_values_mean_default() -> None:
+    assert load_settings({"DEV_GUILD_ID": "", "NUM_BEAMS": "  "}, env_file=None) == Settings(discord_token=None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("HISTORY_TURNS", "many"),
+        ("HISTORY_TURNS", "-1"),
+        ("DEVICE", "tpu"),
+        ("PRECISION", "int4"),
+        ("DEV_GUILD_ID", "my-server"),
+        ("LOG_LEVEL", "loud"),
+        ("MAX_BATCH", "0"),
+        ("GENERATION_TIMEOUT_SECONDS", "nan"),
+        ("DISCORD_TOKEN", "two words"),
+    ],
+)
+def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings({key: value}, env_file=None)
+    message = str(err.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_min_above_max_new_tokens_rejected() -> None:
+    with pytest.raises(SettingsError, match="MIN_NEW_TOKENS"):
+        load_settings({"MIN_NEW_TOKENS": "10", "MAX_NEW_TOKENS": "5"}, env_file=None)
+
+
+def test_env_file_read_and_environment_wins(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("DISCORD_TOKEN=from-file\nHISTORY_TURNS=3\n# a comment\n")
+    s = load_settings({"HISTORY_TURNS": "5"}, env_file=env)
+    assert s.discord_token == "from-file" and s.history_turns == 5
+
+
+def test_env_example_documents_every_key() -> None:
+    example = (Path(__file__).parent.parent / ".env.example").read_text()
+    documented = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line and not line.startswith("#")}
+    assert documented == set(SETTING_KEYS)
