@@ -1,0 +1,348 @@
+"""Both cogs, built without a live bot or a Discord connection."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from discord import app_commands
+
+from bot.chat import CLOSING_TEXT, ChatService
+from bot.history import HistoryStore
+from bot.types import Conversation, Turn
+from cogs.admin import Admin, manage_messages_or_dm
+from cogs.chat import (
+    ATTACHMENT_ONLY_TEXT,
+    COOLDOWN_TEXT,
+    EMPTY_MENTION_TEXT,
+    Chat,
+    clean_text,
+    split_message,
+)
+from config.settings import Settings
+from tests.test_chat import ScriptedEngine
+
+BOT_ID = 999
+ROLE_ID = 555
+
+
+@dataclass(eq=False)
+class FakeUser:
+    id: int
+    bot: bool = False
+    display_name: str = "someone"
+
+
+@dataclass(eq=False)
+class FakeRole:
+    id: int
+    name: str = "role"
+
+
+@dataclass(eq=False)
+class FakeGuild:
+    id: int = 100
+    self_role: FakeRole | None = field(default_factory=lambda: FakeRole(ROLE_ID, "ChatBot"))
+
+
+class FakeTyping:
+    def __init__(self, channel: FakeChannel) -> None:
+        self.channel = channel
+
+    async def __aenter__(self) -> None:
+        self.channel.events.append("typing")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.channel.events.append("typing-end")
+
+
+@dataclass(eq=False)
+class FakeChannel:
+    id: int = 1
+    events: list[Any] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    def typing(self) -> FakeTyping:
+        return FakeTyping(self)
+
+    async def send(self, content: str, **kwargs: Any) -> None:
+        self.events.append("send")
+        self.sent.append({"content": content, **kwargs})
+
+
+@dataclass(eq=False)
+class FakeMessage:
+    content: str
+    author: FakeUser = field(default_factory=lambda: FakeUser(7))
+    channel: FakeChannel = field(default_factory=FakeChannel)
+    guild: FakeGuild | None = field(default_factory=FakeGuild)
+    mentions: list[Any] = field(default_factory=list)
+    role_mentions: list[Any] = field(default_factory=list)
+    channel_mentions: list[Any] = field(default_factory=list)
+    attachments: list[Any] = field(default_factory=list)
+    webhook_id: int | None = None
+    type: discord.MessageType = discord.MessageType.default
+    id: int = 42
+
+    def to_reference(self, *, fail_if_not_exists: bool = True) -> tuple[str, int, bool]:
+        return ("ref", self.id, fail_if_not_exists)
+
+
+class FakeBot:
+    def __init__(self, chat: ChatService, cooldown: float = 0.0) -> None:
+        self.user = FakeUser(BOT_ID, bot=True, display_name="ChatBot")
+        self.settings = Settings(discord_token=None, user_cooldown_seconds=cooldown)
+        self.chat = chat
+        self.accepting = True
+        self.tracked: list[asyncio.Task[Any]] = []
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self.tracked.append(task)
+
+
+@pytest.fixture
+def engine() -> ScriptedEngine:
+    return ScriptedEngine()
+
+
+@pytest.fixture
+def chat(engine: ScriptedEngine, tmp_path: Path) -> ChatService:
+    return ChatService(engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))
+
+
+@pytest.fixture
+def bot(chat: ChatService) -> FakeBot:
+    return FakeBot(chat)
+
+
+def mention(bot: FakeBot, text: str, **kwargs: Any) -> FakeMessage:
+    return FakeMessage(f"<@{BOT_ID}> {text}", mentions=[bot.user], **kwargs)
+
+
+# ----- text cleaning and splitting -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (f"<@{BOT_ID}> hello", "hello"),
+        (f"<@!{BOT_ID}>   hello   there ", "hello there"),
+        (f"hey <@&{ROLE_ID}> what's up", "hey what's up"),
+        (f"<@{BOT_ID}>", ""),
+        (f"<@{BOT_ID}> ask <@12> and <@&34> in <#56>", "ask @Ann and @mods in #general"),
+        ("<@77> who?", "@someone who?"),
+        ("nice <:blob:1234> <a:wave:99>", "nice :blob: :wave:"),
+        ("null\x00byte", "nullbyte"),
+        ("line one\n\n   line two  ", "line one\nline two"),
+        ("@everyone look", "@everyone look"),
+    ],
+)
+def test_clean_text(content: str, expected: str) -> None:
+    cleaned = clean_text(
+        content, bot_id=BOT_ID, bot_role_id=ROLE_ID, users={12: "Ann"}, roles={34: "mods"}, channels={56: "general"}
+    )
+    assert cleaned == expected
+
+
+def test_split_message_respects_limit_and_loses_nothing() -> None:
+    text = " ".join(f"word{i}" for i in range(1200))
+    chunks = split_message(text, 2000)
+    assert len(chunks) > 1 and all(0 < len(c) <= 2000 for c in chunks)
+    assert " ".join(chunks) == text
+    assert split_message("x" * 4500) == ["x" * 2000, "x" * 2000, "x" * 500]
+    assert split_message("short") == ["short"]
+    assert split_message("a" * 1500 + "\n" + "b" * 1000) == ["a" * 1500, "b" * 1000]
+
+
+# ----- when to answer --------------------------------------------------------------------------
+
+
+async def test_mention_gets_a_quiet_reply_after_typing(bot: FakeBot, engine: ScriptedEngine) -> None:
+    message = mention(bot, "hello")
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.events == ["typing", "typing-end", "send"]
+    sent = message.channel.sent[0]
+    assert sent["content"] == "re: hello"
+    assert sent["reference"] == ("ref", 42, False)
+    assert sent["mention_author"] is False
+    allowed = sent["allowed_mentions"].to_dict()
+    assert allowed == {"parse": []}  # Discord reads a missing replied_user as false
+    assert engine.seen == [[Turn("user", "hello")]]
+
+
+async def test_role_mention_of_the_bot_counts(bot: FakeBot) -> None:
+    guild = FakeGuild()
+    message = FakeMessage(f"<@&{ROLE_ID}> hi", guild=guild, role_mentions=[guild.self_role])
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent[0]["content"] == "re: hi"
+
+
+async def test_dm_needs_no_mention(bot: FakeBot, chat: ChatService) -> None:
+    message = FakeMessage("hi there", guild=None, channel=FakeChannel(id=5))
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent[0]["content"] == "re: hi there"
+    assert chat.history.get(Conversation(5)) == [Turn("user", "hi there"), Turn("bot", "re: hi there")]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        FakeMessage("no mention here"),
+        FakeMessage(f"<@{BOT_ID}> from a bot", author=FakeUser(8, bot=True)),
+        FakeMessage(f"<@{BOT_ID}> from a webhook", webhook_id=1),
+        FakeMessage("a DM from a bot", guild=None, author=FakeUser(8, bot=True)),
+        FakeMessage(f"<@{BOT_ID}> pinned", type=discord.MessageType.pins_add),
+    ],
+)
+async def test_silence(bot: FakeBot, engine: ScriptedEngine, message: FakeMessage) -> None:
+    if "from" in message.content or "pinned" in message.content:
+        message.mentions = [bot.user]
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent == [] and engine.seen == []
+
+
+async def test_own_messages_ignored(bot: FakeBot, engine: ScriptedEngine) -> None:
+    message = FakeMessage("talking to myself", guild=None, author=bot.user)  # type: ignore[arg-type]
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent == [] and engine.seen == []
+
+
+async def test_empty_mention_gets_a_prompt_not_a_model_call(bot: FakeBot, engine: ScriptedEngine) -> None:
+    message = mention(bot, "   ")
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent[0]["content"] == EMPTY_MENTION_TEXT and engine.seen == []
+    attachment = mention(bot, "", attachments=["cat.png"])
+    await Chat(bot).on_message(attachment)  # type: ignore[arg-type]
+    assert attachment.channel.sent[0]["content"] == ATTACHMENT_ONLY_TEXT and engine.seen == []
+
+
+async def test_long_reply_is_split(bot: FakeBot, engine: ScriptedEngine) -> None:
+    engine.answer = "lorem ipsum " * 400
+    message = mention(bot, "tell me a story")
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    pieces = message.channel.sent
+    assert len(pieces) == 3 and all(len(p["content"]) <= 2000 for p in pieces)
+    assert pieces[0]["reference"] is not None and pieces[1]["reference"] is None
+
+
+async def test_engine_failure_is_an_apology_not_a_traceback(bot: FakeBot, engine: ScriptedEngine) -> None:
+    engine.fail = RuntimeError("boom")
+    message = mention(bot, "hi")
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert "Sorry" in message.channel.sent[0]["content"] and "boom" not in message.channel.sent[0]["content"]
+
+
+async def test_send_failure_is_logged_not_raised(bot: FakeBot, caplog: pytest.LogCaptureFixture) -> None:
+    message = mention(bot, "hi")
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise discord.Forbidden(type("R", (), {"status": 403, "reason": "Forbidden"})(), "Missing Permissions")
+
+    message.channel.send = refuse  # type: ignore[method-assign]
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert "could not post" in caplog.text
+
+
+async def test_cooldown_gives_one_notice(chat: ChatService, engine: ScriptedEngine) -> None:
+    bot = FakeBot(chat, cooldown=60)
+    cog = Chat(bot)  # type: ignore[arg-type]
+    channel = FakeChannel()
+    for text in ("first", "second", "third"):
+        await cog.on_message(mention(bot, text, channel=channel))  # type: ignore[arg-type]
+    contents = [s["content"] for s in channel.sent]
+    assert contents[0] == "re: first"
+    assert contents[1] == COOLDOWN_TEXT.format(seconds=60) and len(contents) == 2
+    assert [h[-1].text for h in engine.seen] == ["first"]
+
+
+async def test_shutting_down_says_so(bot: FakeBot, engine: ScriptedEngine) -> None:
+    bot.accepting = False
+    message = mention(bot, "hi")
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent[0]["content"] == CLOSING_TEXT and engine.seen == []
+
+
+# ----- admin commands --------------------------------------------------------------------------
+
+
+class FakeResponse:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bool]] = []
+
+    def is_done(self) -> bool:
+        return bool(self.sent)
+
+    async def send_message(self, text: str, *, ephemeral: bool = False) -> None:
+        self.sent.append((text, ephemeral))
+
+
+@dataclass(eq=False)
+class FakeInteraction:
+    guild_id: int | None = 100
+    channel_id: int = 1
+    permissions: discord.Permissions = field(default_factory=discord.Permissions.none)
+    user: FakeUser = field(default_factory=lambda: FakeUser(7))
+    response: FakeResponse = field(default_factory=FakeResponse)
+    command: Any = None
+
+
+def test_reset_permission_is_a_hint_and_a_check() -> None:
+    assert Admin.reset.default_permissions == discord.Permissions(manage_messages=True)
+    assert manage_messages_or_dm in Admin.reset.checks
+    assert manage_messages_or_dm(FakeInteraction(permissions=discord.Permissions(manage_messages=True)))  # type: ignore[arg-type]
+    assert manage_messages_or_dm(FakeInteraction(guild_id=None))  # type: ignore[arg-type]
+    with pytest.raises(app_commands.MissingPermissions):
+        manage_messages_or_dm(FakeInteraction())  # type: ignore[arg-type]
+    assert Admin.stats.default_permissions is None and Admin.forget_me.default_permissions is None
+
+
+async def _seed(chat: ChatService) -> None:
+    for channel in (1, 2):
+        await chat.respond(Conversation(channel, 100), 7, f"hi {channel}")
+    await chat.respond(Conversation(3, 200), 7, "elsewhere")
+
+
+async def test_reset_channel_and_server(bot: FakeBot, chat: ChatService) -> None:
+    await _seed(chat)
+    cog = Admin(bot)  # type: ignore[arg-type]
+    interaction = FakeInteraction(channel_id=1)
+    await Admin.reset.callback(cog, interaction, "channel")  # type: ignore[arg-type]
+    assert interaction.response.sent == [("Done: I've forgotten this conversation (2 messages).", True)]
+    assert chat.history.get(Conversation(1)) == [] and chat.history.get(Conversation(2))
+    interaction = FakeInteraction(channel_id=2)
+    await Admin.reset.callback(cog, interaction, "server")  # type: ignore[arg-type]
+    assert "every conversation in this server (2 messages)" in interaction.response.sent[0][0]
+    assert chat.history.get(Conversation(3)) != []
+
+
+async def test_server_reset_in_a_dm_is_explained(bot: FakeBot) -> None:
+    interaction = FakeInteraction(guild_id=None)
+    await Admin.reset.callback(Admin(bot), interaction, "server")  # type: ignore[arg-type]
+    assert "no server here" in interaction.response.sent[0][0] and interaction.response.sent[0][1]
+
+
+async def test_refusal_is_ephemeral(bot: FakeBot) -> None:
+    interaction = FakeInteraction()
+    await Admin(bot).cog_app_command_error(interaction, app_commands.MissingPermissions(["manage_messages"]))  # type: ignore[arg-type]
+    assert interaction.response.sent == [("You need the **Manage Messages** permission to do that.", True)]
+
+
+async def test_stats_and_forget_me(chat: ChatService, tiny_model_dir: Path) -> None:
+    from bot.engine import Engine
+    from tests.conftest import engine_config
+
+    async with Engine(engine_config(tiny_model_dir)) as engine:
+        real = ChatService(engine, chat.history)
+        await real.respond(Conversation(1, 100), 7, "hello")
+        bot = FakeBot(real)
+        interaction = FakeInteraction()
+        await Admin.stats.callback(Admin(bot), interaction)  # type: ignore[arg-type]
+        text, ephemeral = interaction.response.sent[0]
+        assert ephemeral and str(tiny_model_dir) in text and "Replies served:** 1" in text and "p95" in text
+        interaction = FakeInteraction()
+        await Admin.forget_me.callback(Admin(bot), interaction)  # type: ignore[arg-type]
+        assert "deleted 2 stored messages" in interaction.response.sent[0][0]
