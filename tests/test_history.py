@@ -83,3 +83,47 @@ def test_odd_text_stored_verbatim(store: HistoryStore) -> None:
     text = "zalgo z̷̢̛a̶l̸g̵o، עברית \u202e 🙂 '; DROP TABLE turns; --"
     store.append(DM, 7, Turn("user", text), Turn("bot", "ok"))
     assert store.get(DM)[0].text == text
+
+
+WRITER = """
+import sys
+from bot.history import HistoryStore
+from bot.types import Conversation, Turn
+store = HistoryStore(sys.argv[1], max_turns=100000)
+i = 0
+while True:
+    store.append(Conversation(i % 3, 100), 7, Turn("user", f"q{i}"), Turn("bot", f"a{i}"))
+    print(i, flush=True)  # acknowledged: the bot would post the reply only now
+    i += 1
+"""
+
+
+def test_kill_9_loses_no_acknowledged_turn(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "h.sqlite3"
+    root = Path(__file__).resolve().parent.parent
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert writer.stdout is not None
+    acknowledged = -1
+    for line in writer.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 200:
+            break
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    store = HistoryStore(path, max_turns=100000)
+    texts = {t.text for c in range(3) for t in store.get(Conversation(c, 100))}
+    store.close()
+    assert all(f"q{i}" in texts and f"a{i}" in texts for i in range(acknowledged + 1))
