@@ -96,17 +96,27 @@ class Admin(commands.Cog):
     async def cog_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
+        name = interaction.command and interaction.command.name
         if isinstance(error, app_commands.MissingPermissions):
             text = "You need the **Manage Messages** permission to do that."
         elif isinstance(error, app_commands.CheckFailure):
             text = "You can't use this command here."
         else:
-            log.error("slash command %s failed", interaction.command and interaction.command.name, exc_info=error)
+            original = getattr(error, "original", None)
+            if isinstance(original, discord.NotFound) and original.code == 10062:
+                # Discord forgets an interaction not answered within 3 seconds (for example one replayed
+                # after a gateway RESUME); there is no one left to answer.
+                log.warning("/%s expired before it could be answered", name)
+                return
+            log.error("slash command %s failed", name, exc_info=error)
             text = "Sorry, that didn't work. The error has been logged."
-        if interaction.response.is_done():
-            await interaction.followup.send(text, ephemeral=True)
-        else:
-            await interaction.response.send_message(text, ephemeral=True)
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as exc:  # raised here, it would only end as an unretrieved task exception
+            log.warning("could not tell the user that /%s failed: %s", name, exc)
 
 
 async def setup(bot: ChatBot) -> None:

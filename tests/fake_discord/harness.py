@@ -1,0 +1,129 @@
+"""Run the real bot (services built as `bot/__main__.py`'s `run_discord` builds them) against the fake."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.chat import ChatService
+from bot.client import ChatBot
+from bot.engine import Engine, EngineConfig
+from bot.history import HistoryStore
+from config.settings import Settings
+from tests.fake_discord.server import FakeDiscord
+
+QUIET = {"parse": [], "replied_user": False}
+
+
+class _ErrorCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass
+class BotHarness:
+    fake: FakeDiscord
+    settings: Settings
+    history: HistoryStore
+    engine: Engine
+    chat: ChatService
+    bot: ChatBot
+    runner: asyncio.Task[None]
+    errors: _ErrorCollector
+    # What a test expects to go wrong; anything else fails the test at teardown.
+    allowed_error_logs: Callable[[logging.LogRecord], bool] = lambda record: False
+    allowed_failed_calls: Callable[[Any], bool] = lambda call: False
+    check_mentions: bool = True  # off only where the test itself posts through the bot's client
+    stopped: bool = field(default=False)
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            await self.bot.close()
+            done, _ = await asyncio.wait({self.runner}, timeout=10)
+            if not done:
+                self.runner.cancel()
+                raise AssertionError("bot.start() did not return within 10s of bot.close()")
+        finally:
+            await self.engine.close()
+            self.history.close()
+            logging.getLogger().removeHandler(self.errors)
+
+    def problems(self) -> list[str]:
+        """What went wrong that the test did not expect: error logs, failed REST calls, loud posts."""
+        found: list[str] = []
+        for record in self.errors.records:
+            if not self.allowed_error_logs(record):
+                found.append(f"error log {record.name}: {record.getMessage()}")
+        for call in self.fake.failed_calls():
+            if not self.allowed_failed_calls(call):
+                found.append(f"{call.method} {call.path} -> {call.status} {call.response}")
+        if not self.check_mentions:
+            return found
+        for call in self.fake.message_posts():
+            body = call.json or {}
+            if body.get("allowed_mentions") != QUIET:
+                found.append(f"posted with allowed_mentions={body.get('allowed_mentions')!r}")
+        for call in self.fake.calls_to("POST", r"/interactions/\d+/[^/]+/callback"):
+            mentions = ((call.json or {}).get("data") or {}).get("allowed_mentions")
+            if mentions is None or mentions.get("parse") != [] or mentions.get("replied_user"):
+                found.append(f"interaction answered with allowed_mentions={mentions!r}")
+        return found
+
+
+BotFactory = Callable[..., Awaitable[BotHarness]]
+
+
+def bot_settings(fake: FakeDiscord, model_dir: Path, history_db: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "discord_token": fake.token,
+        "model_name": str(model_dir),
+        "device": "cpu",
+        "precision": "fp32",  # reproducible replies
+        "history_db": history_db,
+        "user_cooldown_seconds": 0.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def start_bot(fake: FakeDiscord, settings: Settings, *, ready_timeout: float = 30.0) -> BotHarness:
+    """Build the services like `run_discord` does and start `ChatBot` against the fake; wait for on_ready."""
+    errors = _ErrorCollector()
+    logging.getLogger().addHandler(errors)
+    history = HistoryStore(settings.history_db, settings.history_turns)
+    engine = Engine(EngineConfig.from_settings(settings))
+    await engine.start()
+    chat = ChatService(engine, history)
+    bot = ChatBot(settings=settings, chat=chat)
+    # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready; the fake
+    # sends its only guild at once, so a short wait saves two seconds per test and changes nothing else.
+    bot._connection.guild_ready_timeout = 0.05
+    await bot.__aenter__()
+    ready = asyncio.Event()
+
+    async def on_ready() -> None:
+        ready.set()
+
+    bot.add_listener(on_ready, "on_ready")
+    runner = asyncio.create_task(bot.start(settings.discord_token or ""))
+    harness = BotHarness(fake, settings, history, engine, chat, bot, runner, errors)
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({runner, waiter}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        await harness.stop()
+        if runner.done() and runner.exception() is not None:
+            raise runner.exception()  # type: ignore[misc]
+        raise AssertionError(f"the bot was not ready within {ready_timeout}s")
+    return harness
