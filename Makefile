@@ -21,6 +21,7 @@ test: $(STAMP)  ## the whole test suite, on a tiny model built at test time
 	$(PY) -m pytest
 
 bench: $(STAMP)  ## speed and memory benchmark on a full-size random BlenderBot-400M
+	$(PY) -m pip install --quiet --disable-pip-version-check "matplotlib>=3.8"  # the chart only
 	$(PY) -m bench
 
 soak: $(STAMP)  ## long run through the fake Discord (not part of CI)

@@ -133,29 +133,65 @@ def resolve_precision(requested: str, device: str) -> str:
 
 
 def _can_quantize() -> bool:
-    import torch
-
-    engines = torch.backends.quantized.supported_engines
-    return any(name in engines for name in ("fbgemm", "x86", "qnnpack"))
+    try:
+        from bot.int8 import can_quantize
+    except Exception:  # noqa: BLE001 - a torch without quantized ops
+        return False
+    return can_quantize()
 
 
 def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
-    """Move the model to its device and precision; returns the model and the precision used."""
+    """Move the model to its device and precision; returns the model and the precision used.
+
+    int8 (CPU only): every nn.Linear, the tied output projection included, becomes a
+    `RowwiseInt8Linear` (bot/int8.py): int8 weights per output channel, activations quantized per
+    row so a reply does not depend on what else is in the batch. Linears are swapped one at a time
+    and the fp32 pages of each are dropped as soon as it is quantized, so the fp32 model is never
+    fully resident.
+    """
+    import gc
+
     import torch
 
     if precision == "int8" and not _can_quantize():
         log.warning("this torch build cannot quantize to int8; falling back to bf16")
         precision = "bf16"
     if precision == "int8":
-        from torch.ao.quantization import quantize_dynamic
+        from bot.int8 import detach_from_files_, quantize_linears_
 
-        # In place: each fp32 Linear is swapped for its int8 twin and freed, keeping peak memory low.
-        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        with torch.no_grad():
+            quantize_linears_(model)
+            detach_from_files_(model)
+        gc.collect()  # closes the mapped checkpoint once nothing points into it
     elif precision == "bf16":
         model = model.to(dtype=torch.bfloat16)
     elif precision == "fp16":
         model = model.to(dtype=torch.float16)
-    return model.to(device).eval(), precision
+    model = model.to(device).eval()
+    if getattr(model.config, "is_encoder_decoder", False):
+        from bot.beam_search import reorder_self_attention_only
+
+        model._reorder_cache = reorder_self_attention_only  # generate() prefers the model's own hook
+    return model, precision
+
+
+def _limit_heap_fragmentation(threshold: int = 4 << 20) -> None:
+    """Give large buffers back to the OS when freed (glibc), so RSS stays near what is in use.
+
+    glibc raises its mmap threshold each time a large block is freed, after which tensors of tens of
+    MB come from the engine thread's heap arena, which cannot shrink past its live top: loading the
+    int8 model then sits at ~1.4 GB instead of ~0.8 GB. A fixed threshold keeps them as mmaps.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; fixing it also turns off the dynamic raise
+    except (OSError, AttributeError):
+        pass
 
 
 class _Deadline:
@@ -214,7 +250,8 @@ class Engine:
         self._closing.set()
         self._drain(EngineClosed("the bot is shutting down"))
         self._queue.put(_STOP)
-        if self._thread is not None:
+        # A model still loading cannot be interrupted; its daemon thread ends with the process.
+        if self._thread is not None and self._model is not None:
             await asyncio.to_thread(self._thread.join)
 
     async def __aenter__(self) -> Engine:
@@ -267,9 +304,10 @@ class Engine:
             self._load()
         except BaseException as exc:  # noqa: BLE001 - reported to the awaiting coroutine
             error = exc if isinstance(exc, EngineError) else EngineError(f"could not load {self.config.model_name}: {exc}")
-            loop.call_soon_threadsafe(_settle, loaded, None, error)
+            _settle_from_thread(loop, loaded, None, error)
             return
-        loop.call_soon_threadsafe(_settle, loaded, None, None)
+        if self._closed or not _settle_from_thread(loop, loaded, None, None):
+            return  # closed while loading: nobody is waiting for this model
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -281,6 +319,7 @@ class Engine:
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         started = time.monotonic()
+        _limit_heap_fragmentation()
         self.device = resolve_device(self.config.device)
         precision = resolve_precision(self.config.precision, self.device)
         log.info("loading %s on %s (%s)", self.config.model_name, self.device, precision)
@@ -290,7 +329,12 @@ class Engine:
             raise EngineError(f"{self.config.model_name} is not an encoder-decoder chat model like BlenderBot")
         self._model, self.precision = prepare_model(model, self.device, precision)
         self.max_input_tokens = int(model.config.max_position_embeddings)
-        self._generation_config = self._build_generation_config(model)
+        self._generation_config = self._build_generation_config(self._model)
+        if self._generation_config.num_beams > 1:
+            from bot.beam_search import share_cross_attention_
+
+            for projection in share_cross_attention_(self._model):
+                projection.group = self._generation_config.num_beams
         log.info(
             "model ready in %.1fs: %s beams, %s-%s new tokens, batch up to %d",
             time.monotonic() - started,
@@ -301,27 +345,34 @@ class Engine:
         )
 
     def _build_generation_config(self, model: Any) -> Any:
+        """The model's own generation_config with the settings' overrides, installed on the model.
+
+        An override of the reply length replaces the model's min/max_length instead of sitting
+        beside it (transformers warns on every call when both are set).
+        """
         gen = model.generation_config
         gen = gen.__class__.from_dict(gen.to_dict())
         if self.config.num_beams is not None:
             gen.num_beams = self.config.num_beams
         if self.config.min_new_tokens is not None:
-            gen.min_new_tokens = self.config.min_new_tokens
-            gen.min_length = 0
+            gen.min_new_tokens, gen.min_length = self.config.min_new_tokens, None
         if self.config.max_new_tokens is not None:
-            gen.max_new_tokens = self.config.max_new_tokens
+            gen.max_new_tokens, gen.max_length = self.config.max_new_tokens, None
         # The decoder has as many positions as the encoder; never ask for more.
         limit = int(model.config.max_position_embeddings) - 1
-        if (gen.max_new_tokens or gen.max_length or 0) > limit:
+        if (gen.max_new_tokens or 0) > limit or (gen.max_length or 0) > limit + 1:
             log.warning("reply length capped at %d tokens (the model's positions)", limit)
-            if gen.max_new_tokens:
-                gen.max_new_tokens = limit
-            gen.max_length = min(gen.max_length or limit, limit + 1)
-        if (gen.min_new_tokens or 0) > (gen.max_new_tokens or gen.max_length):
-            gen.min_new_tokens = gen.max_new_tokens
+            if gen.max_new_tokens is not None:
+                gen.max_new_tokens = min(gen.max_new_tokens, limit)
+            if gen.max_length is not None:
+                gen.max_length = min(gen.max_length, limit + 1)
+        longest = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length
+        if (gen.min_new_tokens or 0) > longest:
+            gen.min_new_tokens = longest
         if gen.num_beams == 1:
             gen.length_penalty = 1.0
             gen.early_stopping = False
+        model.generation_config = gen
         return gen
 
     def _next_batch(self) -> list[_Request] | None:
@@ -350,7 +401,10 @@ class Engine:
         started = time.monotonic()
         deadline = _Deadline(started + self.config.generation_timeout_seconds, self._closing)
         pad = self._tokenizer.pad_token_id
-        width = max(len(r.input_ids) for r in batch)
+        # Every prompt is padded to the same fixed width, alone or batched: attention kernels add up
+        # differently for different key lengths, so padding only to the batch's longest prompt would
+        # let the other conversations in a batch change a reply. The cost is a little encoder work.
+        width = max(self.max_input_tokens, max(len(r.input_ids) for r in batch))
         input_ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in batch])
         attention = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in batch])
         try:
@@ -396,6 +450,17 @@ class Engine:
                 return
             if item is not _STOP:
                 item.loop.call_soon_threadsafe(_settle, item.future, None, error)
+
+
+def _settle_from_thread(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, error: BaseException | None
+) -> bool:
+    """Settle a future from the generation thread; False if its event loop is already gone."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # the loop was closed, e.g. the bot stopped while the model was loading
+        return False
+    return True
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

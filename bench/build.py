@@ -1,0 +1,94 @@
+"""Build the full-size random BlenderBot-400M-distill (and a tokenizer) once, into a cache dir.
+
+The hub cannot be reached, so the architecture and generation defaults come from
+/work/shared/blenderbot-400M-distill (or $BENCH_MODEL_SPEC). Compute per token does not depend on
+the weight values, so random weights cost exactly what the real ones would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+SPEC_DIR = Path(os.environ.get("BENCH_MODEL_SPEC", "/work/shared/blenderbot-400M-distill"))
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+MODEL_DIR = CACHE_DIR / "blenderbot-400M-random"
+DONE = "BENCH_MODEL.json"
+
+_SYLLABLES = [
+    c + v
+    for c in ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "th", "sh", "ch", "st", "tr")
+    for v in ("a", "e", "i", "o", "u", "ay", "ee", "ou", "er", "in", "an", "on")
+]
+
+
+def _corpus(n_lines: int, seed: int) -> list[str]:
+    """Pseudo-English lines, varied enough for byte-level BPE to learn ~8k merges."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    weights = [1.0 / (i + 1) ** 0.8 for i in range(len(words))]  # Zipf-like
+    lines = []
+    for _ in range(n_lines):
+        picked = rng.choices(words, weights, k=rng.randint(5, 20))
+        line = " ".join(picked)
+        if rng.random() < 0.3:
+            line = line.capitalize() + rng.choice([".", "?", "!", ","])
+        lines.append(line)
+    return lines
+
+
+def build_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import BlenderbotTokenizer
+
+    raw = out / "_bpe"
+    raw.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    # `<mask>` is added last by BlenderbotTokenizer, as in the real tokenizer: train one fewer.
+    bpe.train_from_iterator(
+        _corpus(40000, seed=0),
+        vocab_size=vocab_size - 1,
+        min_frequency=2,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        show_progress=False,
+    )
+    bpe.save_model(str(raw))
+    tok = BlenderbotTokenizer(vocab=str(raw / "vocab.json"), merges=str(raw / "merges.txt"), add_eos_token=True)
+    tok.save_pretrained(str(out))
+    shutil.rmtree(raw, ignore_errors=True)
+
+
+def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
+    """Write the random full-size model to `out` unless it is already there; returns `out`."""
+    if (out / DONE).is_file():
+        return out
+    import torch
+    from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, GenerationConfig
+
+    started = time.monotonic()
+    config_dict = json.loads((spec / "config.json").read_text())
+    gen_dict = json.loads((spec / "generation_config.json").read_text())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build_tokenizer(tmp, int(config_dict["vocab_size"]))
+    torch.manual_seed(0)
+    config = BlenderbotConfig(**config_dict)
+    model = BlenderbotForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(**gen_dict)
+    model.save_pretrained(str(tmp))
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    (tmp / DONE).write_text(json.dumps({"spec": str(spec), "parameters": params, "seconds": time.monotonic() - started}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+if __name__ == "__main__":
+    t = time.monotonic()
+    print(build_model(), f"{time.monotonic() - t:.1f}s")
