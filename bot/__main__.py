@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -38,9 +39,10 @@ To try the model without Discord:  python -m bot --console   (or: make console)"
 class ExitCode(Exception):
     """Stop with a one-line message and an exit status, without a traceback."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = 1, *, threads_running: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.threads_running = threads_running
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -55,15 +57,21 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
-async def start_engine(settings: Settings) -> Engine:
-    engine = Engine(EngineConfig.from_settings(settings))
+async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) -> None:
+    """Load the model; Ctrl-C or SIGTERM during a long first download stops at once."""
     started = time.monotonic()
+    loading = asyncio.ensure_future(engine.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not loading.done():
+        loading.cancel()
+        raise ExitCode("Stopped while loading the model.", code=0, threads_running=True)
     try:
-        await engine.start()
+        loading.result()
     except EngineError as exc:
         raise ExitCode(f"Could not load the model {settings.model_name!r}: {exc}") from None
     log.info("engine started in %.1fs", time.monotonic() - started)
-    return engine
 
 
 async def run_discord(settings: Settings) -> None:
@@ -71,9 +79,9 @@ async def run_discord(settings: Settings) -> None:
         raise ExitCode(NO_TOKEN_HELP, code=2)
     stop = stop_event_on_signals()
     history = HistoryStore(settings.history_db, settings.history_turns)
-    engine: Engine | None = None
+    engine = Engine(EngineConfig.from_settings(settings))
     try:
-        engine = await start_engine(settings)
+        await start_engine(engine, settings, stop)
         chat = ChatService(engine, history)
         async with ChatBot(settings=settings, chat=chat) as bot:
             runner = asyncio.create_task(bot.start(settings.discord_token))
@@ -104,8 +112,7 @@ async def run_discord(settings: Settings) -> None:
     except (aiohttp.ClientConnectionError, discord.GatewayNotFound) as exc:
         raise ExitCode(f"Could not reach Discord: {exc}") from None
     finally:
-        if engine is not None:
-            await engine.close()
+        await engine.close()
         history.close()
         log.info("stopped")
 
@@ -113,9 +120,9 @@ async def run_discord(settings: Settings) -> None:
 async def run_console(settings: Settings) -> None:
     stop = stop_event_on_signals()
     history = HistoryStore(settings.history_db, settings.history_turns)
-    engine: Engine | None = None
+    engine = Engine(EngineConfig.from_settings(settings))
     try:
-        engine = await start_engine(settings)
+        await start_engine(engine, settings, stop)
         chat = ChatService(engine, history)
         lines = stdin_lines()
         print(f"Chatting with {settings.model_name}. /reset forgets the conversation; /quit or Ctrl-D leaves.")
@@ -145,8 +152,7 @@ async def run_console(settings: Settings) -> None:
             log.debug("console reply in %.2fs", time.monotonic() - started)
             print(f"bot> {reply.text}")
     finally:
-        if engine is not None:
-            await engine.close()
+        await engine.close()
         history.close()
 
 
@@ -178,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_console(settings) if args.console else run_discord(settings))
     except ExitCode as exc:
         print(str(exc), file=sys.stderr)
+        if exc.threads_running:
+            # The loading thread cannot be interrupted, and torch aborts if the interpreter is torn
+            # down under it. Nothing else is open (the history database is already closed).
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(exc.code)
         return exc.code
     except KeyboardInterrupt:
         pass
