@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import aiohttp
 import discord
@@ -22,6 +24,8 @@ from bot.types import Conversation
 from config.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("bot")
+
+T = TypeVar("T")
 
 CONSOLE_CONVERSATION = Conversation(channel_id=0)
 
@@ -57,15 +61,23 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
+async def until_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> asyncio.Future[T] | None:
+    """Run `awaitable` until it is done or `stop` is set: its finished task, or None if stopped first."""
+    task = asyncio.ensure_future(awaitable)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if task.done():
+        return task
+    task.cancel()
+    return None
+
+
 async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) -> None:
     """Load the model; Ctrl-C or SIGTERM during a long first download stops at once."""
     started = time.monotonic()
-    loading = asyncio.ensure_future(engine.start())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not loading.done():
-        loading.cancel()
+    loading = await until_stopped(engine.start(), stop)
+    if loading is None:
         raise ExitCode("Stopped while loading the model.", code=0, threads_running=True)
     try:
         loading.result()
@@ -128,15 +140,8 @@ async def run_console(settings: Settings) -> None:
         print(f"Chatting with {settings.model_name}. /reset forgets the conversation; /quit or Ctrl-D leaves.")
         while not stop.is_set():
             print("you> ", end="", flush=True)
-            line_task = asyncio.ensure_future(lines.get())
-            stop_task = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({line_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            stop_task.cancel()
-            if not line_task.done():
-                line_task.cancel()
-                print()
-                break
-            line = line_task.result()
+            read = await until_stopped(lines.get(), stop)
+            line = read.result() if read is not None else None
             if line is None or line.strip() in ("/quit", "/exit"):
                 print()
                 break
