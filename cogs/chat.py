@@ -53,7 +53,9 @@ def clean_text(
         rid = int(match.group(1))
         return " " if rid == bot_role_id else "@" + roles.get(rid, "role")
 
-    text = content.replace("\x00", "")
+    # Null bytes out; a lone UTF-16 surrogate (half an emoji, valid JSON but not valid text) becomes
+    # U+FFFD, as the tokenizer and SQLite both refuse it.
+    text = content.replace("\x00", "").encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     text = _USER.sub(user, text)
     text = _ROLE.sub(role, text)
     text = _CHANNEL.sub(lambda m: "#" + channels.get(int(m.group(1)), "channel"), text)
@@ -139,9 +141,14 @@ class Chat(commands.Cog):
             return
         log.debug("message %s in %s: %r", message.id, message.channel.id, text)
         conversation = Conversation(message.channel.id, message.guild.id if message.guild else None)
+        # Take this message's place in its conversation's line now, before the first await (the
+        # typing request): otherwise a later message whose typing request happens to come back first
+        # would be answered first, and messages arriving together (a burst, events replayed after a
+        # RESUME) could be answered out of order.
+        responding = asyncio.ensure_future(self.bot.chat.respond(conversation, message.author.id, text))
         async with typing_in(message.channel):
-            reply = await self.bot.chat.respond(conversation, message.author.id, text)
-        await self.send(message, reply.text)
+            await asyncio.wait({responding})
+        await self.send(message, responding.result().text)
 
     async def cooling_down(self, message: discord.Message) -> bool:
         """True if the author is over the rate; they get one notice per cooldown, not one per message."""
@@ -180,7 +187,7 @@ async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
     typing = channel.typing()
     try:
         await typing.__aenter__()
-    except discord.HTTPException as exc:
+    except Exception as exc:  # noqa: BLE001 - the indicator is cosmetic; the reply must still be posted
         log.debug("no typing indicator: %s", exc)
         yield
         return

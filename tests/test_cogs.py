@@ -139,6 +139,7 @@ def mention(bot: FakeBot, text: str, **kwargs: Any) -> FakeMessage:
         ("null\x00byte", "nullbyte"),
         ("line one\n\n   line two  ", "line one\nline two"),
         ("@everyone look", "@everyone look"),
+        ("half \ud83d emoji \udc00 and 😀", "half \ufffd emoji \ufffd and 😀"),  # lone surrogates
     ],
 )
 def test_clean_text(content: str, expected: str) -> None:
