@@ -70,7 +70,7 @@ async def bot_factory(
     started: list[BotHarness] = []
 
     async def make(model_dir: Path | None = None, **overrides: Any) -> BotHarness:
-        db = tmp_path / f"history-{len(started)}.sqlite3"
+        db = overrides.pop("history_db", tmp_path / f"history-{len(started)}.sqlite3")  # shared to test restarts
         settings = bot_settings(fake_discord, model_dir or tiny_model_dir, db, **overrides)
         harness = await start_bot(fake_discord, settings)
         started.append(harness)

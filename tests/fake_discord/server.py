@@ -37,12 +37,14 @@ from tests.fake_discord.world import (
     Channel,
     User,
     World,
+    iso,
 )
 
 log = logging.getLogger("fake_discord")
 
 API_PREFIX = "/api/v10"
 MESSAGE_LIMIT = 2000
+NITRO_MESSAGE_LIMIT = 4000  # what a Nitro subscriber may post (bots stay at 2000)
 EPHEMERAL = 1 << 6
 INTERACTION_DEADLINE_S = 3.0  # Discord forgets an interaction not answered within 3 seconds
 _COMMAND_NAME = re.compile(r"^[-_a-z0-9]{1,32}$")
@@ -169,6 +171,7 @@ class FakeDiscord:
         self.commands: dict[tuple[int | None, str], dict[str, Any]] = {}
         self.interactions: dict[int, Interaction] = {}
         self.bot_messages: list[dict[str, Any]] = []  # every message the bot created, in order
+        self.typing_delays: list[float] = []  # each typing request takes the next delay (s), if any, to answer
 
         self._sessions: dict[str, _Session] = {}
         self._session: _Session | None = None  # the bot's current session
@@ -311,13 +314,20 @@ class FakeDiscord:
         ping_author: bool = True,
         webhook: bool = False,
         attachments: list[dict[str, Any]] | None = None,
+        nitro: bool = False,
+        message_type: int | None = None,
+        store: bool = True,
     ) -> dict[str, Any]:
         """`author` posts `content` in `channel`; the bot receives MESSAGE_CREATE.
 
         `reply_to` makes it a reply; like Discord's client, a reply mentions (pings) the replied-to
-        author unless `ping_author` is False.
+        author unless `ping_author` is False. `nitro` lets the author post up to 4000 characters.
+        `message_type` overrides the type (e.g. 7, a member-join system message). `store=False`
+        delivers the message but keeps no copy, as if it were deleted at once: a reply to it then
+        finds no message to reference.
         """
-        assert 0 < len(content) <= MESSAGE_LIMIT or attachments, "users can't post empty or over-long messages"
+        limit = NITRO_MESSAGE_LIMIT if nitro else MESSAGE_LIMIT
+        assert 0 < len(content) <= limit or attachments, "users can't post empty or over-long messages"
         w = self.world
         reference = None
         if reply_to is not None:
@@ -326,9 +336,9 @@ class FakeDiscord:
                 reference["guild_id"] = str(channel.guild_id)
         webhook_id = w.ids.next() if webhook else None
         sender = User(webhook_id, "Captain Hook", bot=True) if webhook_id else author
+        kind = message_type if message_type is not None else 19 if reference else 0
         message = w.message_payload(
-            channel, sender, content, type=19 if reference else 0, reference=reference,
-            webhook_id=webhook_id, attachments=attachments,
+            channel, sender, content, type=kind, reference=reference, webhook_id=webhook_id, attachments=attachments,
         )
         if reply_to is not None and ping_author:
             replied = self.world.users.get(int(reply_to["author"]["id"]))
@@ -337,9 +347,30 @@ class FakeDiscord:
                 if channel.guild_id is not None and replied.id in self.world.members:
                     mention["member"] = self.world.members[replied.id].payload(with_user=False)
                 message["mentions"].append(mention)
-        channel.messages[int(message["id"])] = message
+        if store:
+            channel.messages[int(message["id"])] = message
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    async def edit(self, message: dict[str, Any], content: str) -> dict[str, Any]:
+        """The author edits `message`; the bot receives MESSAGE_UPDATE with the new content."""
+        channel = self.world.channels[int(message["channel_id"])]
+        users, roles = self.world.mentions_in(content, channel)
+        edited = {**message, "content": content, "mentions": users, "mention_roles": roles,
+                  "edited_timestamp": iso()}
+        if int(message["id"]) in channel.messages:
+            channel.messages[int(message["id"])] = edited
+        await self.dispatch("MESSAGE_UPDATE", edited)
+        return edited
+
+    async def delete(self, message: dict[str, Any]) -> None:
+        """The author deletes `message`; the bot receives MESSAGE_DELETE and replies can't reference it."""
+        channel = self.world.channels[int(message["channel_id"])]
+        channel.messages.pop(int(message["id"]), None)
+        data = {"id": message["id"], "channel_id": message["channel_id"]}
+        if channel.guild_id is not None:
+            data["guild_id"] = str(channel.guild_id)
+        await self.dispatch("MESSAGE_DELETE", data)
 
     def attachment(self, filename: str = "cat.png", size: int = 12345) -> dict[str, Any]:
         """An attachment payload as Discord sends it in MESSAGE_CREATE."""
@@ -802,9 +833,16 @@ class FakeDiscord:
 
     async def _post_typing(self, request: web.Request) -> web.Response:
         channel = self._channel(request)
+        if self.typing_delays:
+            await asyncio.sleep(self.typing_delays.pop(0))  # a slow answer, as under load
         if not self.world.can_send(self.world.bot_user.id, channel):
             raise DiscordError(403, 50013, "Missing Permissions")
-        return web.Response(status=204)
+        # Discord's rate-limit headers: once discord.py has seen them it sends several typing
+        # requests to one channel at once (without them it sends one at a time).
+        return web.Response(status=204, headers={
+            "X-RateLimit-Bucket": "fake-typing", "X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "49",
+            "X-RateLimit-Reset-After": "1.000", "X-RateLimit-Reset": f"{time.time() + 1:.3f}",
+        })
 
     @staticmethod
     def _validate_content(body: dict[str, Any], prefix: str = "") -> None:
