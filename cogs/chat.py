@@ -91,6 +91,7 @@ class Chat(commands.Cog):
             commands.CooldownMapping.from_cooldown(1, seconds, commands.BucketType.user) if seconds > 0 else None
         )
         self._noticed_until: dict[int, float] = {}
+        self._last_post: dict[int, asyncio.Future[None]] = {}  # per channel: the latest reply's post
 
     def addressed_to_me(self, message: discord.Message) -> bool:
         me = self.bot.user
@@ -146,9 +147,21 @@ class Chat(commands.Cog):
         # would be answered first, and messages arriving together (a burst, events replayed after a
         # RESUME) could be answered out of order.
         responding = asyncio.ensure_future(self.bot.chat.respond(conversation, message.author.id, text))
-        async with typing_in(message.channel):
-            await asyncio.wait({responding})
-        await self.send(message, responding.result().text)
+        # Likewise for posting: a reply waits for the post of the reply before it in this channel,
+        # so a slow typing request can never make the answers appear out of order.
+        previous = self._last_post.get(conversation.channel_id)
+        posted = asyncio.get_running_loop().create_future()
+        self._last_post[conversation.channel_id] = posted
+        try:
+            async with typing_in(message.channel):
+                await asyncio.wait({responding})
+            if previous is not None:
+                await asyncio.wait({previous})
+            await self.send(message, responding.result().text)
+        finally:
+            posted.set_result(None)
+            if self._last_post.get(conversation.channel_id) is posted:
+                del self._last_post[conversation.channel_id]
 
     async def cooling_down(self, message: discord.Message) -> bool:
         """True if the author is over the rate; they get one notice per cooldown, not one per message."""

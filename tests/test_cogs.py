@@ -347,3 +347,25 @@ async def test_stats_and_forget_me(chat: ChatService, tiny_model_dir: Path) -> N
         interaction = FakeInteraction()
         await Admin.forget_me.callback(Admin(bot), interaction)  # type: ignore[arg-type]
         assert "deleted 2 stored messages" in interaction.response.sent[0][0]
+
+
+async def test_replies_posted_in_order_even_if_typing_is_slow(bot: FakeBot, engine: ScriptedEngine) -> None:
+    channel = FakeChannel()
+    slow_typing = asyncio.Event()
+
+    class SlowFirstTyping(FakeTyping):
+        async def __aenter__(self) -> None:
+            if not channel.events:
+                channel.events.append("slow typing")
+                await slow_typing.wait()
+
+    channel.typing = lambda: SlowFirstTyping(channel)  # type: ignore[method-assign]
+    cog = Chat(bot)  # type: ignore[arg-type]
+    first = asyncio.create_task(cog.on_message(mention(bot, "one", channel=channel)))  # type: ignore[arg-type]
+    second = asyncio.create_task(cog.on_message(mention(bot, "two", channel=channel)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # "two" has been answered by now, but must not be posted before "one"
+    assert channel.sent == []
+    slow_typing.set()
+    await asyncio.gather(first, second)
+    assert [s["content"] for s in channel.sent] == ["re: one", "re: two"]
+    assert cog._last_post == {}
