@@ -10,7 +10,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import aiohttp
@@ -86,16 +87,25 @@ async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) 
     log.info("engine started in %.1fs", time.monotonic() - started)
 
 
-async def run_discord(settings: Settings) -> None:
-    if not settings.discord_token:
-        raise ExitCode(NO_TOKEN_HELP, code=2)
-    stop = stop_event_on_signals()
+@asynccontextmanager
+async def services(settings: Settings, stop: asyncio.Event) -> AsyncIterator[tuple[Engine, ChatService]]:
+    """The running engine and the chat service over the history store; both closed on exit."""
     history = HistoryStore(settings.history_db, settings.history_turns)
     engine = Engine(EngineConfig.from_settings(settings))
     try:
         await start_engine(engine, settings, stop)
-        chat = ChatService(engine, history)
-        async with ChatBot(settings=settings, chat=chat) as bot:
+        yield engine, ChatService(engine, history)
+    finally:
+        await engine.close()
+        history.close()
+
+
+async def run_discord(settings: Settings) -> None:
+    if not settings.discord_token:
+        raise ExitCode(NO_TOKEN_HELP, code=2)
+    stop = stop_event_on_signals()
+    try:
+        async with services(settings, stop) as (engine, chat), ChatBot(settings=settings, chat=chat) as bot:
             runner = asyncio.create_task(bot.start(settings.discord_token))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -124,18 +134,12 @@ async def run_discord(settings: Settings) -> None:
     except (aiohttp.ClientConnectionError, discord.GatewayNotFound) as exc:
         raise ExitCode(f"Could not reach Discord: {exc}") from None
     finally:
-        await engine.close()
-        history.close()
         log.info("stopped")
 
 
 async def run_console(settings: Settings) -> None:
     stop = stop_event_on_signals()
-    history = HistoryStore(settings.history_db, settings.history_turns)
-    engine = Engine(EngineConfig.from_settings(settings))
-    try:
-        await start_engine(engine, settings, stop)
-        chat = ChatService(engine, history)
+    async with services(settings, stop) as (_, chat):
         lines = stdin_lines()
         print(f"Chatting with {settings.model_name}. /reset forgets the conversation; /quit or Ctrl-D leaves.")
         while not stop.is_set():
@@ -156,9 +160,6 @@ async def run_console(settings: Settings) -> None:
             reply = await chat.respond(CONSOLE_CONVERSATION, None, text)
             log.debug("console reply in %.2fs", time.monotonic() - started)
             print(f"bot> {reply.text}")
-    finally:
-        await engine.close()
-        history.close()
 
 
 def stdin_lines() -> asyncio.Queue[str | None]:

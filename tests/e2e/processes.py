@@ -1,6 +1,6 @@
 """Run the real `python -m bot` process against a fake Discord on loopback (helpers, not tests).
 
-As in `test_e2e_process.py`, the child points discord.py at the fake before it runs the `bot`
+Product code has no test switch, so the child points discord.py at the fake before it runs the `bot`
 package exactly as `python -m bot` would. `TEST_SLOW_STEP_S` (read only by this launcher, never by
 the product) makes the model deliberately slow: every decoding step sleeps that long first, so a
 reply can be caught in flight; the engine's own stopping criteria still run between steps.

@@ -7,81 +7,30 @@ the websocket; everything else is unmodified). Settings come from the environmen
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 from bot.engine import Engine, EngineConfig
 from bot.types import Turn
+from tests.e2e.processes import launch
 from tests.fake_discord import FakeDiscord
-
-REPO = Path(__file__).resolve().parents[2]
-
-LAUNCH = """\
-import runpy, sys
-import discord.gateway, discord.http, yarl
-discord.http.Route.BASE = sys.argv[1] + "/api/v10"
-discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(sys.argv[2])
-sys.argv = ["bot"]
-runpy.run_module("bot", run_name="__main__", alter_sys=True)
-"""
-
-
-async def launch(fake: FakeDiscord, tmp_path: Path, model_dir: Path, token: str) -> asyncio.subprocess.Process:
-    """Start `python -m bot` (pointed at the fake) with its settings in the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MODEL_", "HISTORY_", "DEV_GUILD"))}
-    env.update(
-        DISCORD_TOKEN=token,
-        MODEL_NAME=str(model_dir),
-        HISTORY_DB=str(tmp_path / "history.sqlite3"),
-        DEVICE="cpu",
-        PRECISION="fp32",
-        USER_COOLDOWN_SECONDS="0",
-        LOG_LEVEL="INFO",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",  # as `one_torch_thread` does in this process: steady timings, same replies
-    )
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH, fake.base_url, fake.gateway_url,
-        cwd=tmp_path,  # no .env file here: settings come only from the environment above
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=(tmp_path / "stdout.txt").open("wb"),
-        stderr=(tmp_path / "stderr.txt").open("wb"),
-    )
-
-
-async def finish(process: asyncio.subprocess.Process, timeout: float) -> int:
-    try:
-        return await asyncio.wait_for(process.wait(), timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_real_process_answers_and_stops_cleanly_on_sigterm(
     fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, one_torch_thread: None
 ) -> None:
     fake, w = fake_discord, fake_discord.world
-    process = await launch(fake, tmp_path, tiny_model_dir, fake.token)
+    bot = await launch(fake, tmp_path, tiny_model_dir)
     try:
         await fake.wait_ready_session(timeout=120)
         reply = await fake.ask(w.member, w.general, "hello there", timeout=60)
         dm_reply = await fake.ask(w.carol, w.dm_with(w.carol), "hello there", timeout=60)
-        process.send_signal(signal.SIGTERM)
-        code = await finish(process, 60)
+        bot.process.send_signal(signal.SIGTERM)
+        code = await bot.finish(60)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    stderr = (tmp_path / "stderr.txt").read_text()
+        await bot.kill()
+    stderr = bot.stderr
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
     assert fake.token not in stderr
@@ -99,20 +48,18 @@ async def test_real_process_finishes_a_reply_in_progress_on_sigterm(
     fake_discord: FakeDiscord, tmp_path: Path, long_model_dir: Path
 ) -> None:
     fake, w = fake_discord, fake_discord.world
-    process = await launch(fake, tmp_path, long_model_dir, fake.token)
+    bot = await launch(fake, tmp_path, long_model_dir)
     try:
         await fake.wait_ready_session(timeout=120)
         message = await fake.mention(w.member, w.general, "hello there")
         # The typing indicator goes up just before the model starts its 1000 tokens: stop now.
         await fake.wait_for(lambda: fake.typing_calls(w.general), timeout=60, what="typing")
-        process.send_signal(signal.SIGTERM)
+        bot.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        code = await finish(process, 90)
+        code = await bot.finish(90)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    stderr = (tmp_path / "stderr.txt").read_text()
+        await bot.kill()
+    stderr = bot.stderr
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
     assert "finishing replies in progress" in stderr
@@ -127,9 +74,9 @@ async def test_real_process_finishes_a_reply_in_progress_on_sigterm(
 async def test_real_process_with_a_wrong_token_says_so_and_exits(
     fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    process = await launch(fake_discord, tmp_path, tiny_model_dir, "wrong-token")
-    code = await finish(process, 120)
-    stderr = (tmp_path / "stderr.txt").read_text()
+    bot = await launch(fake_discord, tmp_path, tiny_model_dir, DISCORD_TOKEN="wrong-token")
+    code = await bot.finish(120)
+    stderr = bot.stderr
     assert code != 0
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if "Discord rejected the token" in line]
