@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -39,6 +40,7 @@ class ChatService:
         self.history = history
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._in_flight = 0
+        self._cleared: dict[tuple[str, int], int] = {}  # ("channel"|"guild"|"user", id) -> times cleared
 
     @property
     def in_flight(self) -> int:
@@ -46,11 +48,16 @@ class ChatService:
         return self._in_flight
 
     async def respond(self, conversation: Conversation, user_id: int | None, text: str) -> Reply:
-        """Answer `text` said in `conversation`. Never raises for engine trouble: returns a notice."""
+        """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice."""
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
-                turns = self.history.get(conversation) + [Turn("user", text)]
+                try:
+                    turns = self.history.get(conversation) + [Turn("user", text)]
+                except sqlite3.Error:
+                    log.exception("could not read the history of channel %s", conversation.channel_id)
+                    return Reply(ERROR_TEXT, ok=False)
+                cleared = self._clear_marks(conversation, user_id)
                 try:
                     answer = await self.engine.reply(turns)
                 except EngineBusy:
@@ -65,10 +72,29 @@ class ChatService:
                     return Reply(ERROR_TEXT, ok=False)
                 if not answer.strip():
                     return Reply(EMPTY_REPLY_TEXT, ok=False)
-                self.history.append(conversation, user_id, Turn("user", text), Turn("bot", answer))
+                if self._clear_marks(conversation, user_id) != cleared:
+                    # /reset or /forget-me ran while this reply was generated: keep its promise.
+                    log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
+                    return Reply(answer)
+                try:
+                    self.history.append(conversation, user_id, Turn("user", text), Turn("bot", answer))
+                except sqlite3.Error:  # the answer is still worth posting
+                    log.exception("could not store a reply in channel %s", conversation.channel_id)
                 return Reply(answer)
         finally:
             self._in_flight -= 1
+
+    def _clear_marks(self, conversation: Conversation, user_id: int | None) -> tuple[int, int, int]:
+        """How often this channel, its server and this user have been cleared so far."""
+        marks = self._cleared
+        return (
+            marks.get(("channel", conversation.channel_id), 0),
+            marks.get(("guild", conversation.guild_id), 0) if conversation.guild_id is not None else 0,
+            marks.get(("user", user_id), 0) if user_id is not None else 0,
+        )
+
+    def _mark_cleared(self, scope: str, ident: int) -> None:
+        self._cleared[(scope, ident)] = self._cleared.get((scope, ident), 0) + 1
 
     @asynccontextmanager
     async def _locked(self, channel_id: int) -> AsyncIterator[None]:
@@ -86,10 +112,13 @@ class ChatService:
                 self._locks[channel_id] = (lock, users - 1)
 
     def reset(self, conversation: Conversation) -> int:
+        self._mark_cleared("channel", conversation.channel_id)
         return self.history.reset(conversation)
 
     def reset_guild(self, guild_id: int) -> int:
+        self._mark_cleared("guild", guild_id)
         return self.history.reset_guild(guild_id)
 
     def forget_user(self, user_id: int) -> int:
+        self._mark_cleared("user", user_id)
         return self.history.forget_user(user_id)

@@ -44,14 +44,22 @@ class ChatBot(commands.Bot):
     async def sync_commands(self) -> None:
         """To DEV_GUILD_ID when set (instant), globally otherwise (may take a while to show)."""
         guild_id = self.settings.dev_guild_id
-        if guild_id is not None:
-            guild = discord.Object(id=guild_id)
-            self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
-            log.info("synced %d slash commands to guild %s", len(synced), guild_id)
-        else:
-            synced = await self.tree.sync()
-            log.info("synced %d slash commands globally", len(synced))
+        try:
+            if guild_id is not None:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d slash commands to guild %s", len(synced), guild_id)
+            else:
+                synced = await self.tree.sync()
+                log.info("synced %d slash commands globally", len(synced))
+        except discord.HTTPException as exc:
+            # Chat still works without slash commands, so this is not a reason to stop.
+            where = f"DEV_GUILD_ID={guild_id} (is the bot in that server?)" if guild_id else "globally"
+            log.error(
+                "could not register slash commands %s: %s. Invite the bot with the applications.commands "
+                "scope (see README).", where, exc
+            )
 
     async def on_ready(self) -> None:
         assert self.user is not None

@@ -312,7 +312,12 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._generate(batch)
+            try:
+                self._generate(batch)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one batch
+                log.exception("could not finish a batch of %d", len(batch))
+                for r in batch:
+                    _settle_from_thread(r.loop, r.future, None, EngineError(f"generation failed: {exc}"))
 
     def _load(self) -> None:
         import torch

@@ -56,6 +56,10 @@ class Admin(commands.Cog):
             if interaction.guild_id is None:
                 await interaction.response.send_message("There is no server here; use `/reset` to clear this DM.", ephemeral=True)
                 return
+            # Manage Messages in this one channel (an override) is not enough to wipe every channel.
+            server_permissions = getattr(interaction.user, "guild_permissions", None)
+            if server_permissions is None or not server_permissions.manage_messages:
+                raise app_commands.MissingPermissions(["manage_messages"])
             removed = self.bot.chat.reset_guild(interaction.guild_id)
             log.info("history of guild %s reset by %s (%d turns)", interaction.guild_id, interaction.user.id, removed)
             await interaction.response.send_message(

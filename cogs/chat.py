@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.chat import CLOSING_TEXT
+from bot.chat import CLOSING_TEXT, ERROR_TEXT
 from bot.types import Conversation
 
 if TYPE_CHECKING:
@@ -157,7 +157,10 @@ class Chat(commands.Cog):
                 await asyncio.wait({responding})
             if previous is not None:
                 await asyncio.wait({previous})
-            await self.send(message, responding.result().text)
+            error = responding.exception()
+            if error is not None:
+                log.error("could not answer message %s", message.id, exc_info=error)
+            await self.send(message, ERROR_TEXT if error is not None else responding.result().text)
         finally:
             posted.set_result(None)
             if self._last_post.get(conversation.channel_id) is posted:

@@ -104,3 +104,30 @@ async def test_reset_forget_and_in_flight(chat: ChatService) -> None:
     assert chat.forget_user(8) == 2 and chat.history.get(B) == []
     assert chat.reset(A) == 2 and chat.history.get(A) == []
     assert chat.in_flight == 0
+
+
+@pytest.mark.parametrize("clear", ["reset", "reset_guild", "forget_user"])
+async def test_clearing_during_a_reply_is_not_undone(chat: ChatService, engine: ScriptedEngine, clear: str) -> None:
+    engine.gate = asyncio.Event()
+    replying = asyncio.create_task(chat.respond(A, 7, "secret"))
+    await asyncio.sleep(0.01)
+    {"reset": lambda: chat.reset(A), "reset_guild": lambda: chat.reset_guild(100), "forget_user": lambda: chat.forget_user(7)}[clear]()
+    engine.gate.set()
+    reply = await replying
+    assert reply.text == "re: secret"  # the user still gets the answer...
+    assert chat.history.get(A) == []  # ...but the cleared history stays cleared
+    await chat.respond(A, 7, "after")
+    assert len(chat.history.get(A)) == 2  # later replies are stored again
+
+
+async def test_database_trouble_is_a_notice_or_a_plain_answer(chat: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    def broken(*args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(chat.history, "append", broken)
+    assert (await chat.respond(A, 7, "hi")).text == "re: hi"  # answered, even though it could not be stored
+    monkeypatch.setattr(chat.history, "get", broken)
+    reply = await chat.respond(A, 7, "hi")
+    assert reply.text == ERROR_TEXT and not reply.ok

@@ -35,6 +35,7 @@ class FakeUser:
     id: int
     bot: bool = False
     display_name: str = "someone"
+    guild_permissions: discord.Permissions = field(default_factory=discord.Permissions.none)
 
 
 @dataclass(eq=False)
@@ -314,7 +315,8 @@ async def test_reset_channel_and_server(bot: FakeBot, chat: ChatService) -> None
     await Admin.reset.callback(cog, interaction, "channel")  # type: ignore[arg-type]
     assert interaction.response.sent == [("Done: I've forgotten this conversation (2 messages).", True)]
     assert chat.history.get(Conversation(1)) == [] and chat.history.get(Conversation(2))
-    interaction = FakeInteraction(channel_id=2)
+    moderator = FakeUser(7, guild_permissions=discord.Permissions(manage_messages=True))
+    interaction = FakeInteraction(channel_id=2, user=moderator)
     await Admin.reset.callback(cog, interaction, "server")  # type: ignore[arg-type]
     assert "every conversation in this server (2 messages)" in interaction.response.sent[0][0]
     assert chat.history.get(Conversation(3)) != []
@@ -369,3 +371,27 @@ async def test_replies_posted_in_order_even_if_typing_is_slow(bot: FakeBot, engi
     await asyncio.gather(first, second)
     assert [s["content"] for s in channel.sent] == ["re: one", "re: two"]
     assert cog._last_post == {}
+
+
+async def test_server_reset_needs_server_wide_permission(bot: FakeBot, chat: ChatService) -> None:
+    await _seed(chat)
+
+    # Manage Messages in this channel only (an override), not in the server.
+    interaction = FakeInteraction(permissions=discord.Permissions(manage_messages=True), user=FakeUser(7))
+    assert manage_messages_or_dm(interaction)  # type: ignore[arg-type]
+    with pytest.raises(app_commands.MissingPermissions):
+        await Admin.reset.callback(Admin(bot), interaction, "server")  # type: ignore[arg-type]
+    assert chat.history.get(Conversation(2)) != []
+    admin = FakeInteraction(user=FakeUser(7, guild_permissions=discord.Permissions(manage_messages=True)))
+    await Admin.reset.callback(Admin(bot), admin, "server")  # type: ignore[arg-type]
+    assert chat.history.get(Conversation(2)) == []
+
+
+async def test_failing_chat_service_still_answers(bot: FakeBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(bot.chat, "respond", broken)
+    message = mention(bot, "hi")
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent[0]["content"].startswith("Sorry")

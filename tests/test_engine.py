@@ -116,3 +116,14 @@ async def test_beam_sharing_changes_no_reply(tiny_model_dir: Path, monkeypatch: 
         assert not any(isinstance(m, BeamSharedProjection) for m in plain._model.modules())
         reference = [await plain.reply([Turn("user", t)]) for t in texts]
     assert list(together) == alone == reference
+
+
+async def test_thread_survives_a_failure_after_generate(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(engine._tokenizer, "batch_decode", broken)
+    with pytest.raises(EngineError, match="decode failed"):
+        await asyncio.wait_for(engine.reply([Turn("user", "hi")]), timeout=10)
+    monkeypatch.undo()
+    assert await asyncio.wait_for(engine.reply([Turn("user", "hi")]), timeout=10)
