@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench import bandwidth, memory, workload  # noqa: E402
-from bench.build import MODEL_DIR, build_model  # noqa: E402
+from bench.build import build_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [(10, 20), (1, 20), (10, 60), (1, 60)]  # (beams, new tokens)

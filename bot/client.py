@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import discord
 from discord.ext import commands
@@ -33,7 +32,6 @@ class ChatBot(commands.Bot):
         self.settings = settings
         self.chat = chat
         self.accepting = True
-        self.started_at = time.monotonic()
         self._handlers: set[asyncio.Task[object]] = set()
 
     async def setup_hook(self) -> None:

@@ -21,7 +21,6 @@ import ctypes
 import logging
 import mmap
 import warnings
-from typing import Any
 
 import torch
 from torch import nn

@@ -1,49 +1,16 @@
 """ChatService with a scripted engine: locking, ordering, storage and every failure path."""
 
 import asyncio
-from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 
 from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
-from bot.history import HistoryStore
 from bot.types import Conversation, Turn
+from tests.scripted_engine import ScriptedEngine, chat, engine  # noqa: F401 - fixtures
 
 A = Conversation(1, 100)
 B = Conversation(2, 100)
-
-
-class ScriptedEngine:
-    """Answers with the text it was asked about; can be told to fail or to wait."""
-
-    def __init__(self) -> None:
-        self.seen: list[list[Turn]] = []
-        self.fail: Exception | None = None
-        self.answer: str | None = None
-        self.gate: asyncio.Event | None = None
-
-    async def reply(self, history: Sequence[Turn]) -> str:
-        self.seen.append(list(history))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail is not None:
-            raise self.fail
-        return self.answer if self.answer is not None else "re: " + history[-1].text
-
-    def stats(self):  # pragma: no cover - not used here
-        raise NotImplementedError
-
-
-@pytest.fixture
-def engine() -> ScriptedEngine:
-    return ScriptedEngine()
-
-
-@pytest.fixture
-def chat(engine: ScriptedEngine, tmp_path: Path) -> ChatService:
-    return ChatService(engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))
 
 
 async def test_stores_both_turns_and_sends_history(chat: ChatService, engine: ScriptedEngine) -> None:

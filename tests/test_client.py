@@ -9,7 +9,7 @@ from bot.chat import ChatService
 from bot.client import ChatBot
 from bot.history import HistoryStore
 from config.settings import Settings
-from tests.test_chat import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine
 
 
 @pytest.fixture

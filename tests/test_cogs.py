@@ -12,7 +12,6 @@ import pytest
 from discord import app_commands
 
 from bot.chat import CLOSING_TEXT, ChatService
-from bot.history import HistoryStore
 from bot.types import Conversation, Turn
 from cogs.admin import Admin, manage_messages_or_dm
 from cogs.chat import (
@@ -24,7 +23,7 @@ from cogs.chat import (
     split_message,
 )
 from config.settings import Settings
-from tests.test_chat import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine, chat, engine  # noqa: F401 - fixtures
 
 BOT_ID = 999
 ROLE_ID = 555
@@ -103,16 +102,6 @@ class FakeBot:
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self.tracked.append(task)
-
-
-@pytest.fixture
-def engine() -> ScriptedEngine:
-    return ScriptedEngine()
-
-
-@pytest.fixture
-def chat(engine: ScriptedEngine, tmp_path: Path) -> ChatService:
-    return ChatService(engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))
 
 
 @pytest.fixture
