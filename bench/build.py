@@ -21,7 +21,32 @@ DONE = "BENCH_MODEL.json"
 
 _SYLLABLES = [
     c + v
-    for c in ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "th", "sh", "ch", "st", "tr")
+    for c in (
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "y",
+        "th",
+        "sh",
+        "ch",
+        "st",
+        "tr",
+    )
     for v in ("a", "e", "i", "o", "u", "ay", "ee", "ou", "er", "in", "an", "on")
 ]
 
@@ -83,7 +108,9 @@ def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
     model.save_pretrained(str(tmp))
     params = sum(p.numel() for p in model.parameters())
     del model
-    (tmp / DONE).write_text(json.dumps({"spec": str(spec), "parameters": params, "seconds": time.monotonic() - started}))
+    (tmp / DONE).write_text(
+        json.dumps({"spec": str(spec), "parameters": params, "seconds": time.monotonic() - started})
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

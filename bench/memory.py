@@ -56,8 +56,11 @@ def _child(model_dir: str, mode: str) -> None:
         from bot.types import Turn
 
         async def run() -> None:
-            engine = Engine(EngineConfig(model_name=model_dir, device="cpu", precision=mode, num_beams=1,
-                                         min_new_tokens=5, max_new_tokens=5))
+            engine = Engine(
+                EngineConfig(
+                    model_name=model_dir, device="cpu", precision=mode, num_beams=1, min_new_tokens=5, max_new_tokens=5
+                )
+            )
             await engine.start()
             result["load_prepare_s"] = time.monotonic() - started
             result["peak_rss_load_prepare_mb"] = proc_status_mb().get("VmHWM")
@@ -80,7 +83,7 @@ def measure_load(model_dir: Path, mode: str, timeout: float = 240) -> dict[str, 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return {"mode": mode, "error": (proc.stderr or proc.stdout)[-800:]}
 
 

@@ -39,30 +39,49 @@ async def engine_scenarios(model_dir: Path, out: dict[str, Any], texts: dict[str
     memory.reset_peak()
     rows = out["engine"] = []
     for beams, tokens in CONFIGS:
-        cfg = EngineConfig(model_name=str(model_dir), device="cpu", precision="auto", num_beams=beams,
-                           min_new_tokens=tokens, max_new_tokens=tokens, max_batch=MAX_BATCH,
-                           batch_window_ms=BATCH_WINDOW_MS, max_queue=64)
+        cfg = EngineConfig(
+            model_name=str(model_dir),
+            device="cpu",
+            precision="auto",
+            num_beams=beams,
+            min_new_tokens=tokens,
+            max_new_tokens=tokens,
+            max_batch=MAX_BATCH,
+            batch_window_ms=BATCH_WINDOW_MS,
+            max_queue=64,
+        )
         async with Engine(cfg) as engine:
             out["engine_precision"] = engine.precision
             await engine.reply(workload.conversations(1, seed=99)[0])  # warm-up
             for n in CONCURRENCY:
                 if n == 1:  # three single requests, one after another, for a steadier median
-                    singles = [await workload.run_concurrent(engine, workload.conversations(1, seed=100 + i))
-                               for i in range(3)]
+                    singles = [
+                        await workload.run_concurrent(engine, workload.conversations(1, seed=100 + i)) for i in range(3)
+                    ]
                     r = dict(singles[0])
                     lat = sorted(s["latency_p50_s"] for s in singles)
-                    r.update(latency_p50_s=lat[1], latency_p95_s=lat[2], makespan_s=lat[1],
-                             loop_lag_p99_ms=max(s["loop_lag_p99_ms"] for s in singles))
+                    r.update(
+                        latency_p50_s=lat[1],
+                        latency_p95_s=lat[2],
+                        makespan_s=lat[1],
+                        loop_lag_p99_ms=max(s["loop_lag_p99_ms"] for s in singles),
+                    )
                 else:
                     r = await workload.run_concurrent(engine, workload.conversations(n, seed=n))
                     if n == 8 and tokens == 20:
                         texts[f"product_b{beams}_batched"] = r["replies"]
                 r.pop("replies", None)
-                r.update(beams=beams, new_tokens=tokens, replies_per_s=n / r["makespan_s"],
-                         tokens_per_s=n * tokens / r["makespan_s"])
+                r.update(
+                    beams=beams,
+                    new_tokens=tokens,
+                    replies_per_s=n / r["makespan_s"],
+                    tokens_per_s=n * tokens / r["makespan_s"],
+                )
                 rows.append(r)
-                log(f"engine beams={beams:2d} tokens={tokens} n={n:2d}: all replied in {r['makespan_s']:.2f}s, "
-                    f"p50 {r['latency_p50_s']:.2f}s, loop lag p99 {r['loop_lag_p99_ms']:.1f} ms")
+                log(
+                    f"engine beams={beams:2d} tokens={tokens} n={n:2d}: all replied in {r['makespan_s']:.2f}s, "
+                    f"p50 {r['latency_p50_s']:.2f}s, loop lag p99 {r['loop_lag_p99_ms']:.1f} ms"
+                )
             if tokens == 20:  # the same 8 conversations, one at a time: does batching change a reply?
                 alone = []
                 for h in workload.conversations(8, seed=8):
@@ -78,7 +97,7 @@ def quantize_dynamic_mismatch(model_dir: Path, texts: dict[str, Any]) -> dict[st
     from torch.ao.quantization import quantize_dynamic
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from bot.prompt import build_input_ids
+    from bot.engine.prompt import build_input_ids
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -91,8 +110,9 @@ def quantize_dynamic_mismatch(model_dir: Path, texts: dict[str, Any]) -> dict[st
         ids = torch.tensor([p + [0] * (width - len(p)) for p in batch])
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, min_new_tokens=20,
-                                 max_new_tokens=20)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, num_beams=beams, min_new_tokens=20, max_new_tokens=20
+            )
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     result = {}
@@ -133,8 +153,10 @@ def naive_baseline(model_dir: Path, out: dict[str, Any], started: float) -> None
 def summarize(out: dict[str, Any]) -> list[str]:
     singles = out["naive_single_s"]
     lines = []
-    header = (f"{'beams':>5} {'tok':>4} {'conv':>4} | {'naive all (s)':>13} | {'engine all (s)':>14} {'x faster':>8} | "
-              f"{'p50 (s)':>7} {'p95 (s)':>7} {'replies/s':>9} {'tok/s':>7} {'lag p99 ms':>10}")
+    header = (
+        f"{'beams':>5} {'tok':>4} {'conv':>4} | {'naive all (s)':>13} | {'engine all (s)':>14} {'x faster':>8} | "
+        f"{'p50 (s)':>7} {'p95 (s)':>7} {'replies/s':>9} {'tok/s':>7} {'lag p99 ms':>10}"
+    )
     lines += [header, "-" * len(header)]
     for r in out["engine"]:
         key = f"b{r['beams']}_t{r['new_tokens']}"
@@ -153,7 +175,9 @@ def summarize(out: dict[str, Any]) -> list[str]:
         )
     lines.append("* naive N-conversation totals = N x the measured naive single-request latency (one at a time)")
     if out["naive_single_estimated"]:
-        lines.append(f"  naive single latency estimated (3 x the 20-token one), not measured: {out['naive_single_estimated']}")
+        lines.append(
+            f"  naive single latency estimated (3 x the 20-token one), not measured: {out['naive_single_estimated']}"
+        )
     return lines
 
 
@@ -167,14 +191,32 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
     out["greedy_b1_ms_per_token"] = {"whole_reply_60": g60 / 60 * 1000, "marginal_20_to_60": marginal_ms}
     sat = [r["loop_lag_p99_ms"] for r in out["engine"] if r["n"] >= 8]
     rows = [
-        ("one 20-token reply, 10 beams: x faster than naive", s["b10_t20"] / eng[(10, 20, 1)]["latency_p50_s"], ">=", 4.0),
-        ("16 conversations, 20 tokens, 10 beams: x sooner than naive sequential",
-         eng[(10, 20, 16)]["speedup_vs_naive"], ">=", 10.0),
-        (f"greedy batch 1: ms/token (decode step) / floor ({floor_ms:.1f} ms at {bw:.0f} GB/s)",
-         marginal_ms / floor_ms, "<=", 1.6),
+        (
+            "one 20-token reply, 10 beams: x faster than naive",
+            s["b10_t20"] / eng[(10, 20, 1)]["latency_p50_s"],
+            ">=",
+            4.0,
+        ),
+        (
+            "16 conversations, 20 tokens, 10 beams: x sooner than naive sequential",
+            eng[(10, 20, 16)]["speedup_vs_naive"],
+            ">=",
+            10.0,
+        ),
+        (
+            f"greedy batch 1: ms/token (decode step) / floor ({floor_ms:.1f} ms at {bw:.0f} GB/s)",
+            marginal_ms / floor_ms,
+            "<=",
+            1.6,
+        ),
         ("event-loop lag p99 while saturated (ms, worst scenario with >= 8 conversations)", max(sat), "<", 50.0),
         ("steady RSS of the int8 400M model (MB)", out["load"]["int8"].get("steady_rss_mb"), "<", 1000.0),
-        ("peak RSS while loading + preparing int8 (MB)", out["load"]["int8"].get("peak_rss_load_prepare_mb"), "<", 2500.0),
+        (
+            "peak RSS while loading + preparing int8 (MB)",
+            out["load"]["int8"].get("peak_rss_load_prepare_mb"),
+            "<",
+            2500.0,
+        ),
     ]
     result = []
     for name, value, op, goal in rows:
@@ -218,9 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     import torch
 
-    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                           "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
-                           "torch": torch.__version__, "max_batch": MAX_BATCH, "batch_window_ms": BATCH_WINDOW_MS}
+    out: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "max_batch": MAX_BATCH,
+        "batch_window_ms": BATCH_WINDOW_MS,
+    }
     t = time.monotonic()
     model_dir = build_model()
     out["build_s"] = time.monotonic() - t
@@ -231,20 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     bw = out["bandwidth_gbs"]["best"]
     out["floor_ms_per_token_int8"] = bandwidth.decoder_bytes_per_token(config, 1) / (bw * 1e9) * 1000
     out["floor_ms_per_token_fp32"] = bandwidth.decoder_bytes_per_token(config, 4) / (bw * 1e9) * 1000
-    log(f"memory bandwidth: read {out['bandwidth_gbs']['read']:.1f} GB/s, copy {out['bandwidth_gbs']['copy']:.1f} GB/s;"
-        f" decode floor {out['floor_ms_per_token_int8']:.1f} ms/token int8, {out['floor_ms_per_token_fp32']:.1f} fp32")
+    log(
+        f"memory bandwidth: read {out['bandwidth_gbs']['read']:.1f} GB/s, copy {out['bandwidth_gbs']['copy']:.1f} GB/s;"
+        f" decode floor {out['floor_ms_per_token_int8']:.1f} ms/token int8, {out['floor_ms_per_token_fp32']:.1f} fp32"
+    )
 
     out["load"] = {m: memory.measure_load(model_dir, m) for m in ("int8", "naive_quantize_dynamic")}
     for m, r in out["load"].items():
-        log(f"load+prepare {m}: peak RSS {r.get('peak_rss_load_prepare_mb', float('nan')):.0f} MB, "
-            f"steady {r.get('steady_rss_mb', float('nan')):.0f} MB")
+        log(
+            f"load+prepare {m}: peak RSS {r.get('peak_rss_load_prepare_mb', float('nan')):.0f} MB, "
+            f"steady {r.get('steady_rss_mb', float('nan')):.0f} MB"
+        )
 
     texts: dict[str, Any] = {}
     asyncio.run(engine_scenarios(model_dir, out, texts))
     log(f"engine peak RSS while serving (all scenarios): {out['engine_serving_peak_rss_mb']:.0f} MB")
-    mismatch = {"after_rowwise_int8": {f"b{b}": sum(a != c for a, c in zip(texts[f"product_b{b}_alone"],
-                                                                              texts[f"product_b{b}_batched"]))
-                                       for b in (10, 1)}}
+    mismatch = {
+        "after_rowwise_int8": {
+            f"b{b}": sum(a != c for a, c in zip(texts[f"product_b{b}_alone"], texts[f"product_b{b}_batched"]))
+            for b in (10, 1)
+        }
+    }
     mismatch["before_quantize_dynamic"] = quantize_dynamic_mismatch(model_dir, texts)
     mismatch["of"] = 8
     out["int8_batching_mismatch"] = mismatch

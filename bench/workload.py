@@ -11,10 +11,12 @@ from typing import Any
 
 from bot.types import Turn
 
-WORDS = ("hello there how are you today i am fine thank you what do you like to do for fun read books play "
-         "games with my friends the weather is nice and sunny so we went outside do you have any pets at "
-         "home yes a dog and two cats tell me something about space stars music favourite thing world "
-         "where live work").split()
+WORDS = (
+    "hello there how are you today i am fine thank you what do you like to do for fun read books play "
+    "games with my friends the weather is nice and sunny so we went outside do you have any pets at "
+    "home yes a dog and two cats tell me something about space stars music favourite thing world "
+    "where live work"
+).split()
 
 
 def conversations(n: int, seed: int = 0) -> list[list[Turn]]:
@@ -103,7 +105,7 @@ class NaiveModel:
     def reply(self, history: list[Turn], num_beams: int, new_tokens: int) -> float:
         import torch
 
-        from bot.prompt import format_turns
+        from bot.engine.prompt import format_turns
 
         ids = self.tok(format_turns(history), return_tensors="pt", truncation=True, max_length=self.max_input)
         started = time.perf_counter()

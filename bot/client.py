@@ -56,7 +56,9 @@ class ChatBot(commands.Bot):
             where = f"DEV_GUILD_ID={guild_id} (is the bot in that server?)" if guild_id else "globally"
             log.error(
                 "could not register slash commands %s: %s. Invite the bot with the applications.commands "
-                "scope (see README).", where, exc
+                "scope (see README).",
+                where,
+                exc,
             )
 
     async def on_ready(self) -> None:

@@ -123,4 +123,3 @@ class HistoryStore:
         except sqlite3.Error as exc:
             log.warning("could not checkpoint the history database: %s", exc)
         self._db.close()
-

@@ -49,12 +49,12 @@ class Admin(commands.Cog):
     @app_commands.default_permissions(manage_messages=True)
     @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=False)
     @app_commands.check(manage_messages_or_dm)
-    async def reset(
-        self, interaction: discord.Interaction, scope: Literal["channel", "server"] = "channel"
-    ) -> None:
+    async def reset(self, interaction: discord.Interaction, scope: Literal["channel", "server"] = "channel") -> None:
         if scope == "server":
             if interaction.guild_id is None:
-                await interaction.response.send_message("There is no server here; use `/reset` to clear this DM.", ephemeral=True)
+                await interaction.response.send_message(
+                    "There is no server here; use `/reset` to clear this DM.", ephemeral=True
+                )
                 return
             # Manage Messages in this one channel (an override) is not enough to wipe every channel.
             server_permissions = getattr(interaction.user, "guild_permissions", None)

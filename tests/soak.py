@@ -114,8 +114,12 @@ class Soak:
         self.rng = random.Random(seed)
         self.total = total
         self.settings = bot_settings(
-            fake, model_dir, db,
-            num_beams=1, min_new_tokens=2, max_new_tokens=8,
+            fake,
+            model_dir,
+            db,
+            num_beams=1,
+            min_new_tokens=2,
+            max_new_tokens=8,
             history_turns=1000,  # keep every turn: the crossing check reads whole conversations
             user_cooldown_seconds=0.0,
             shutdown_grace_seconds=0.0,  # abandon whatever is still in flight at once
@@ -177,8 +181,7 @@ class Soak:
         content = text if conv.person else f"{self.world.bot_user.mention} {text}"
         delivered = self.online
         message = await self.fake.send(author, conv.channel, content)
-        attempt = Attempt(message["id"], conv, text, time.monotonic(), delivered,
-                          resend_of.id if resend_of else None)
+        attempt = Attempt(message["id"], conv, text, time.monotonic(), delivered, resend_of.id if resend_of else None)
         self.attempts[attempt.id] = attempt
         self.order.append(attempt)
         if delivered:
@@ -268,8 +271,11 @@ class Soak:
 
         def started() -> bool:
             self.index()
-            typing = {int(c.path.split("/")[2]) for c in self.fake.calls_to("POST", r"/channels/\d+/typing")
-                      if c.time >= since}
+            typing = {
+                int(c.path.split("/")[2])
+                for c in self.fake.calls_to("POST", r"/channels/\d+/typing")
+                if c.time >= since
+            }
             return channels <= typing
 
         await self.fake.wait_for(started, timeout=60, what="the bot to start on the whole burst")
@@ -343,8 +349,9 @@ class Soak:
         undelivered = [a for a in self.order if not a.delivered]
         lost = [a for a in delivered if not a.replies]
         duplicated = [a for a in self.order if len(a.replies) > 1] + [a for a in undelivered if a.replies]
-        crossed: list[str] = [f"unreferenced post {p['id']} in {p['channel_id']}: {p['content'][:40]!r}"
-                              for p in self.unreferenced]
+        crossed: list[str] = [
+            f"unreferenced post {p['id']} in {p['channel_id']}: {p['content'][:40]!r}" for p in self.unreferenced
+        ]
         for a in self.order:
             for r in a.replies:
                 if r["channel_id"] != str(a.conv.channel.id):
@@ -352,14 +359,22 @@ class Soak:
         crossed += self.check_history()
         answered = [a for a in delivered if a.replies]
         texts = [a.replies[0]["content"] for a in answered]
-        notices = {name: texts.count(text) for name, text in
-                   (("restart", CLOSING_TEXT), ("busy", BUSY_TEXT), ("timeout", TIMEOUT_TEXT),
-                    ("error", ERROR_TEXT), ("empty", EMPTY_REPLY_TEXT))}
+        notices = {
+            name: texts.count(text)
+            for name, text in (
+                ("restart", CLOSING_TEXT),
+                ("busy", BUSY_TEXT),
+                ("timeout", TIMEOUT_TEXT),
+                ("error", ERROR_TEXT),
+                ("empty", EMPTY_REPLY_TEXT),
+            )
+        }
         resent = [a for a in self.order if a.resend_of]
         unresolved = [a for a in resent if not a.replies or a.replies[0]["content"] in RESEND]
 
-        latencies = sorted(self.post_time[a.replies[0]["id"]] - a.sent_at for a in answered
-                           if a.replies[0]["id"] in self.post_time)
+        latencies = sorted(
+            self.post_time[a.replies[0]["id"]] - a.sent_at for a in answered if a.replies[0]["id"] in self.post_time
+        )
 
         problems = [f"error log {e}" for e in self.watch.errors]
         problems += self.rest_problems
@@ -382,26 +397,39 @@ class Soak:
         print(f"    model replies         {len(answered) - sum(notices.values())}")
         print("    notices               " + ", ".join(f"{k} {v}" for k, v in notices.items()))
         print(f"  bot posts               {sum(len(a.replies) for a in self.order) + len(self.unreferenced)}")
-        print(f"  gateway                 identifies {fake.identifies}, resumes {fake.resumes}, "
-              f"events replayed on resume {len(fake.replayed)}")
-        print(f"  restart                 {self.restart_in_flight} in flight at SIGTERM, "
-              f"{self.restart_in_flight_unanswered} of them not yet answered then")
-        print(f"  latency (send to post)  p50 {pct(0.50) * 1000:.0f} ms, p95 {pct(0.95) * 1000:.0f} ms, "
-              f"max {latencies[-1] * 1000 if latencies else float('nan'):.0f} ms")
+        print(
+            f"  gateway                 identifies {fake.identifies}, resumes {fake.resumes}, "
+            f"events replayed on resume {len(fake.replayed)}"
+        )
+        print(
+            f"  restart                 {self.restart_in_flight} in flight at SIGTERM, "
+            f"{self.restart_in_flight_unanswered} of them not yet answered then"
+        )
+        print(
+            f"  latency (send to post)  p50 {pct(0.50) * 1000:.0f} ms, p95 {pct(0.95) * 1000:.0f} ms, "
+            f"max {latencies[-1] * 1000 if latencies else float('nan'):.0f} ms"
+        )
         print("  RSS                     " + ", ".join(f"{k}: {v / mb:.0f} MiB" for k, v in rss.items()))
-        print(f"  RSS growth              {(end - warm) / mb:+.1f} MiB from warm to end (the fake's records dropped "
-              f"as read; includes a second model load)")
+        print(
+            f"  RSS growth              {(end - warm) / mb:+.1f} MiB from warm to end (the fake's records dropped "
+            f"as read; includes a second model load)"
+        )
         print(f"  LOST                    {len(lost)}")
         print(f"  DUPLICATED              {len(duplicated)}")
         print(f"  CROSSED                 {len(crossed)}")
         print(f"  other problems          {len(problems)}")
-        for line in ([f"lost: {a.id} {a.conv.marker} {a.text!r}" for a in lost[:5]]
-                     + [f"duplicated: {a.id} {a.conv.marker} x{len(a.replies)}" for a in duplicated[:5]]
-                     + crossed[:5] + problems[:10]):
+        for line in (
+            [f"lost: {a.id} {a.conv.marker} {a.text!r}" for a in lost[:5]]
+            + [f"duplicated: {a.id} {a.conv.marker} x{len(a.replies)}" for a in duplicated[:5]]
+            + crossed[:5]
+            + problems[:10]
+        ):
             print(f"    {line}")
         passed = not lost and not duplicated and not crossed and not problems
-        print(f"RESULT: {'PASS' if passed else 'FAIL'} (lost {len(lost)}, duplicated {len(duplicated)}, "
-              f"crossed {len(crossed)}, other problems {len(problems)})")
+        print(
+            f"RESULT: {'PASS' if passed else 'FAIL'} (lost {len(lost)}, duplicated {len(duplicated)}, "
+            f"crossed {len(crossed)}, other problems {len(problems)})"
+        )
         print("=" * 72)
         return passed
 
@@ -410,8 +438,9 @@ class Soak:
         found: list[str] = []
         with sqlite3.connect(self.settings.history_db) as db:
             for conv in self.convs:
-                rows = db.execute("SELECT role, text FROM turns WHERE channel_id = ? ORDER BY id",
-                                  (conv.channel.id,)).fetchall()
+                rows = db.execute(
+                    "SELECT role, text FROM turns WHERE channel_id = ? ORDER BY id", (conv.channel.id,)
+                ).fetchall()
                 expected: list[tuple[str, str]] = []
                 for a in self.order:
                     if a.conv is conv and a.replies and a.replies[0]["content"] not in NOT_STORED:
@@ -419,10 +448,15 @@ class Soak:
                 if rows != expected:
                     strays = [t for r, t in rows if r == "user" and not t.startswith(conv.marker + " ")]
                     diff = next((i for i, (r, e) in enumerate(zip(rows, expected)) if r != e), None)
-                    first = f"; first difference at turn {diff}: stored {rows[diff]!r}, expected {expected[diff]!r}" \
-                        if diff is not None else ""
-                    found.append(f"history of {conv.marker}: {len(rows)} turns stored, {len(expected)} expected, "
-                                 f"{len(strays)} from other conversations{first}")
+                    first = (
+                        f"; first difference at turn {diff}: stored {rows[diff]!r}, expected {expected[diff]!r}"
+                        if diff is not None
+                        else ""
+                    )
+                    found.append(
+                        f"history of {conv.marker}: {len(rows)} turns stored, {len(expected)} expected, "
+                        f"{len(strays)} from other conversations{first}"
+                    )
         return found
 
 

@@ -78,7 +78,11 @@ async def test_clearing_during_a_reply_is_not_undone(chat: ChatService, engine: 
     engine.gate = asyncio.Event()
     replying = asyncio.create_task(chat.respond(A, 7, "secret"))
     await asyncio.sleep(0.01)
-    {"reset": lambda: chat.reset(A), "reset_guild": lambda: chat.reset_guild(100), "forget_user": lambda: chat.forget_user(7)}[clear]()
+    {
+        "reset": lambda: chat.reset(A),
+        "reset_guild": lambda: chat.reset_guild(100),
+        "forget_user": lambda: chat.forget_user(7),
+    }[clear]()
     engine.gate.set()
     reply = await replying
     assert reply.text == "re: secret"  # the user still gets the answer...
@@ -87,7 +91,9 @@ async def test_clearing_during_a_reply_is_not_undone(chat: ChatService, engine: 
     assert len(chat.history.get(A)) == 2  # later replies are stored again
 
 
-async def test_database_trouble_is_a_notice_or_a_plain_answer(chat: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_database_trouble_is_a_notice_or_a_plain_answer(
+    chat: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sqlite3
 
     def broken(*args: object) -> None:

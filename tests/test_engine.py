@@ -102,8 +102,8 @@ async def test_int8_rejected_on_gpu_device() -> None:
 
 
 async def test_beam_sharing_changes_no_reply(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bot.beam_search
-    from bot.beam_search import BeamSharedProjection
+    import bot.engine.beam_search
+    from bot.engine.beam_search import BeamSharedProjection
 
     texts = ["hello", "hello there how are you", "cats", "i have a dog and two cats"]
     async with Engine(engine_config(tiny_model_dir, num_beams=4)) as shared:
@@ -111,7 +111,7 @@ async def test_beam_sharing_changes_no_reply(tiny_model_dir: Path, monkeypatch: 
         assert len(wrappers) == 2 and all(w.group == 4 for w in wrappers)  # k and v of the one decoder layer
         together = await asyncio.gather(*(shared.reply([Turn("user", t)]) for t in texts))
         alone = [await shared.reply([Turn("user", t)]) for t in texts]
-    monkeypatch.setattr(bot.beam_search, "share_cross_attention_", lambda model: [])
+    monkeypatch.setattr(bot.engine.beam_search, "share_cross_attention_", lambda model: [])
     async with Engine(engine_config(tiny_model_dir, num_beams=4)) as plain:
         assert not any(isinstance(m, BeamSharedProjection) for m in plain._model.modules())
         reference = [await plain.reply([Turn("user", t)]) for t in texts]

@@ -39,7 +39,9 @@ def record_batches(engine: Engine) -> list[int]:
     return sizes
 
 
-async def replies_alone_and_batched(model_dir: Path, precision: str, **overrides: Any) -> tuple[list[str], list[str], list[int]]:
+async def replies_alone_and_batched(
+    model_dir: Path, precision: str, **overrides: Any
+) -> tuple[list[str], list[str], list[int]]:
     config = engine_config(model_dir, precision=precision, max_batch=8, batch_window_ms=300, **overrides)
     async with Engine(config) as engine:
         alone = [await engine.reply(p) for p in PROMPTS]
@@ -64,7 +66,7 @@ async def test_int8_batched_replies_equal_unbatched(tiny_model_dir: Path) -> Non
 
 
 def test_rowwise_int8_linear_is_batch_invariant_and_close() -> None:
-    from bot.int8 import RowwiseInt8Linear
+    from bot.engine.int8 import RowwiseInt8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
@@ -80,7 +82,7 @@ def test_rowwise_int8_linear_is_batch_invariant_and_close() -> None:
 
 
 async def test_int8_model_swaps_every_linear(tiny_model_dir: Path) -> None:
-    from bot.int8 import RowwiseInt8Linear
+    from bot.engine.int8 import RowwiseInt8Linear
 
     async with Engine(engine_config(tiny_model_dir, precision="int8")) as engine:
         assert engine.precision == "int8"

@@ -12,7 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bot(tmp_path: Path, *args: str, env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def run_bot(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     """Run the bot from an empty directory (no .env), with only the given settings."""
     base = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "MODEL_NAME")}
     base.update({"PYTHONPATH": str(ROOT), "HISTORY_DB": str(tmp_path / "h.sqlite3"), "HF_HUB_OFFLINE": "1"})

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from bot.prompt import build_input_ids, format_turns
+from bot.engine.prompt import build_input_ids, format_turns
 from bot.types import Turn
 
 EOS = 2

@@ -31,7 +31,10 @@ def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import GenerationConfig
 
     out = build_tiny_model(
-        tmp_path_factory.mktemp("long-model"), max_position_embeddings=1024, min_length=1000, max_length=1000,
+        tmp_path_factory.mktemp("long-model"),
+        max_position_embeddings=1024,
+        min_length=1000,
+        max_length=1000,
         num_beams=1,
     )
     gen = GenerationConfig.from_pretrained(out)

@@ -76,8 +76,11 @@ class BotProcess:
 
 async def launch(fake: FakeDiscord, workdir: Path, model_dir: Path, **env_overrides: str) -> BotProcess:
     """Start `python -m bot` (pointed at the fake) with its settings in the environment."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DISCORD_", "MODEL_", "HISTORY_", "DEV_GUILD", "LOG_LEVEL", "TEST_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DISCORD_", "MODEL_", "HISTORY_", "DEV_GUILD", "LOG_LEVEL", "TEST_"))
+    }
     env.update(
         DISCORD_TOKEN=fake.token,
         MODEL_NAME=str(model_dir),
@@ -95,7 +98,11 @@ async def launch(fake: FakeDiscord, workdir: Path, model_dir: Path, **env_overri
     env.update(env_overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", LAUNCH, fake.base_url, fake.gateway_url,
+        sys.executable,
+        "-c",
+        LAUNCH,
+        fake.base_url,
+        fake.gateway_url,
         cwd=workdir,  # no .env file here: settings come only from the environment above
         env=env,
         stdin=asyncio.subprocess.DEVNULL,

@@ -52,9 +52,7 @@ async def test_commands_are_synced_globally_with_permission_hints(harness: BotHa
         assert sorted(command["contexts"]) == [0, 1]  # servers and DMs with the bot
 
 
-async def test_dev_guild_sync_goes_to_that_guild(
-    fake_discord: FakeDiscord, bot_factory: BotFactory
-) -> None:
+async def test_dev_guild_sync_goes_to_that_guild(fake_discord: FakeDiscord, bot_factory: BotFactory) -> None:
     fake, w = fake_discord, fake_discord.world
     await bot_factory(dev_guild_id=w.guild_id)
     assert not fake.calls_to("PUT", f"/applications/{w.application_id}/commands")

@@ -67,9 +67,7 @@ async def test_fake_refuses_a_second_interaction_response(harness: BotHarness) -
     adapter = discord.webhook.async_.async_context.get()
     params = discord.webhook.async_.interaction_message_response_params(type=4, content="again")
     with pytest.raises(discord.HTTPException) as twice:
-        await adapter.create_interaction_response(
-            record.id, record.token, session=got[0]._session, params=params
-        )
+        await adapter.create_interaction_response(record.id, record.token, session=got[0]._session, params=params)
     assert twice.value.code == 40060
 
 

@@ -45,8 +45,9 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     dm_bob, dm_carol, dm_alice, dm_owner = (w.dm_with(u) for u in (w.member, w.carol, w.admin, w.owner))
     cases: list[Case] = []
 
-    async def run(name: str, expect: str, send: Callable[[], Awaitable[dict[str, Any] | None]],
-                  model_saw: str | None = None) -> dict[str, Any] | None:
+    async def run(
+        name: str, expect: str, send: Callable[[], Awaitable[dict[str, Any] | None]], model_saw: str | None = None
+    ) -> dict[str, Any] | None:
         message = await send()
         case = Case(name, expect, message, model_saw)
         cases.append(case)
@@ -56,8 +57,11 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
 
     async def settle(channel: Any) -> None:
         """A barrier: once a later message in `channel` is answered, earlier ones have been handled."""
-        probe = await fake.send(w.carol if channel.guild_id else channel.recipient, channel,
-                                f"{bot} are you there" if channel.guild_id else "are you there")
+        probe = await fake.send(
+            w.carol if channel.guild_id else channel.recipient,
+            channel,
+            f"{bot} are you there" if channel.guild_id else "are you there",
+        )
         await fake.wait_reply(probe, timeout=30)
 
     # ----- in a server channel ------------------------------------------------------------------
@@ -68,40 +72,67 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     await run("mention and null bytes", HINT, lambda: fake.send(w.member, g, f"{bot} \x00\x00\x00"))
     await run("twice the bot", HINT, lambda: fake.send(w.member, g, f"{bot}{bot} {w.bot_role.mention}"))
     await run("only emoji", REPLY, lambda: fake.mention(w.member, g, "😀🔥👍🏽🇺🇳👨‍👩‍👧‍👦"), "😀🔥👍🏽🇺🇳👨‍👩‍👧‍👦")
-    await run("custom emoji", REPLY,
-              lambda: fake.mention(w.member, g, "<:blobcat:123456789012345678> <a:party:98765432109876543>"),
-              ":blobcat: :party:")
-    await run("4000 characters (Nitro)", REPLY,
-              lambda: fake.send(w.member, g, (f"{bot} " + "hello there " * 400)[:4000], nitro=True))
-    await run("4000 characters, no spaces", REPLY,
-              lambda: fake.send(w.member, g, f"{bot} " + "x" * (4000 - len(bot) - 1), nitro=True))
+    await run(
+        "custom emoji",
+        REPLY,
+        lambda: fake.mention(w.member, g, "<:blobcat:123456789012345678> <a:party:98765432109876543>"),
+        ":blobcat: :party:",
+    )
+    await run(
+        "4000 characters (Nitro)",
+        REPLY,
+        lambda: fake.send(w.member, g, (f"{bot} " + "hello there " * 400)[:4000], nitro=True),
+    )
+    await run(
+        "4000 characters, no spaces",
+        REPLY,
+        lambda: fake.send(w.member, g, f"{bot} " + "x" * (4000 - len(bot) - 1), nitro=True),
+    )
     await run("zalgo", REPLY, lambda: fake.mention(w.member, g, ZALGO))
     await run("right to left", REPLY, lambda: fake.mention(w.member, g, RTL), RTL)
     await run("null bytes inside", REPLY, lambda: fake.mention(w.member, g, "hel\x00lo\x00 there"), "hello there")
     await run("zero-width only", REPLY, lambda: fake.mention(w.member, g, "\u200b\u200d\ufeff"))
     await run("code block", REPLY, lambda: fake.mention(w.member, g, CODE))
     # Half an emoji (a lone UTF-16 surrogate): valid JSON, not valid text; the tokenizer and SQLite refuse it.
-    await run("lone surrogates", REPLY, lambda: fake.mention(w.member, g, "half \ud83d an emoji \udc00"),
-              "half \ufffd an emoji \ufffd")
+    await run(
+        "lone surrogates",
+        REPLY,
+        lambda: fake.mention(w.member, g, "half \ud83d an emoji \udc00"),
+        "half \ufffd an emoji \ufffd",
+    )
     await run("markdown links", REPLY, lambda: fake.mention(w.member, g, MARKDOWN))
     await run("special tokens", REPLY, lambda: fake.mention(w.member, g, "</s><s><pad><unk><mask> __end__ __start__"))
     await run("control characters", REPLY, lambda: fake.mention(w.member, g, "\x1b[31mred\x1b[0m \x07 \x08 \r\n ok"))
-    await run("@everyone and @here with the bot", REPLY,
-              lambda: fake.send(w.owner, g, f"{bot} @everyone @here wake up"), "@everyone @here wake up")
+    await run(
+        "@everyone and @here with the bot",
+        REPLY,
+        lambda: fake.send(w.owner, g, f"{bot} @everyone @here wake up"),
+        "@everyone @here wake up",
+    )
     await run("@everyone without the bot", SILENT, lambda: fake.send(w.owner, g, "@everyone @here meeting now"))
-    await run("role and user mentions", REPLY,
-              lambda: fake.send(w.member, g, f"{bot} tell {w.fans_role.mention} and {w.admin.mention} hi"),
-              "tell @Fans and @Alice hi")
-    await run("unknown user and role and channel", REPLY,
-              lambda: fake.mention(w.member, g, "<@123456789012345678> <@&123456789012345678> "
-                                                f"<#123456789012345678> {w.random.mention}"),
-              "@someone @role #channel #random")
+    await run(
+        "role and user mentions",
+        REPLY,
+        lambda: fake.send(w.member, g, f"{bot} tell {w.fans_role.mention} and {w.admin.mention} hi"),
+        "tell @Fans and @Alice hi",
+    )
+    await run(
+        "unknown user and role and channel",
+        REPLY,
+        lambda: fake.mention(
+            w.member, g, f"<@123456789012345678> <@&123456789012345678> <#123456789012345678> {w.random.mention}"
+        ),
+        "@someone @role #channel #random",
+    )
     await run("attachment, no text", ATTACHMENT, lambda: fake.send(w.member, g, bot, attachments=[fake.attachment()]))
     await run("no mention at all", SILENT, lambda: fake.send(w.member, g, "just talking to my friends here"))
     await run("another bot mentions it", SILENT, lambda: fake.send(w.other_bot, g, f"{bot} hello bot to bot"))
     await run("a webhook mentions it", SILENT, lambda: fake.send(w.member, g, f"{bot} hello", webhook=True))
-    await run("system message with a mention", SILENT,
-              lambda: fake.send(w.member, g, f"{bot} pinned a message", message_type=6))
+    await run(
+        "system message with a mention",
+        SILENT,
+        lambda: fake.send(w.member, g, f"{bot} pinned a message", message_type=6),
+    )
 
     # Edited after sending: an edit is never answered, even one that adds the mention. (An edit that
     # reaches the bot before its handler for the original has run is seen by that handler, as
@@ -121,21 +152,32 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     second = await run("reply to the bot (ping on)", REPLY, lambda: fake.send(w.carol, g, "what kind", reply_to=answer))
     assert second is not None
     answer2 = await fake.wait_reply(second)
-    await run("reply to the bot that also mentions it", REPLY,
-              lambda: fake.send(w.carol, g, f"{bot} and {bot} again?", reply_to=answer2), "and again?")
-    await run("reply to the bot, ping off", SILENT,
-              lambda: fake.send(w.carol, g, "never mind", reply_to=answer2, ping_author=False))
+    await run(
+        "reply to the bot that also mentions it",
+        REPLY,
+        lambda: fake.send(w.carol, g, f"{bot} and {bot} again?", reply_to=answer2),
+        "and again?",
+    )
+    await run(
+        "reply to the bot, ping off",
+        SILENT,
+        lambda: fake.send(w.carol, g, "never mind", reply_to=answer2, ping_author=False),
+    )
     await run("reply to a person, not the bot", SILENT, lambda: fake.send(w.member, g, "same here", reply_to=first))
     # The bot's answer was deleted by a moderator; a reply to it arrives with referenced_message null.
     doomed = await run("to be answered then deleted", REPLY, lambda: fake.mention(w.carol, g, "tell me about space"))
     assert doomed is not None
     doomed_answer = await fake.wait_reply(doomed)
     await fake.delete(doomed_answer)
-    await run("reply to a deleted message", REPLY,
-              lambda: fake.send(w.carol, g, "why did it vanish", reply_to=doomed_answer))
+    await run(
+        "reply to a deleted message", REPLY, lambda: fake.send(w.carol, g, "why did it vanish", reply_to=doomed_answer)
+    )
     # The user's own message is gone before the bot answers: the answer is posted without a reference.
-    await run("deleted before the answer", UNREFERENCED,
-              lambda: fake.send(w.member, deleted_chan, f"{bot} hello there", store=False))
+    await run(
+        "deleted before the answer",
+        UNREFERENCED,
+        lambda: fake.send(w.member, deleted_chan, f"{bot} hello there", store=False),
+    )
     await fake.delete(cases[-1].message)  # type: ignore[arg-type]
 
     # In a thread.
@@ -147,12 +189,20 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     await run("DM: whitespace only", HINT, lambda: fake.send(w.member, dm_bob, " \n\t \n"))
     await run("DM: null bytes only", HINT, lambda: fake.send(w.member, dm_bob, "\x00\x00"))
     await run("DM: emoji only", REPLY, lambda: fake.send(w.member, dm_bob, "🙃🙃🙃"), "🙃🙃🙃")
-    await run("DM: attachment, no text", ATTACHMENT,
-              lambda: fake.send(w.member, dm_bob, "", attachments=[fake.attachment("a.pdf")]))
-    await run("DM: attachment with text", REPLY,
-              lambda: fake.send(w.member, dm_bob, "look at this", attachments=[fake.attachment()]), "look at this")
-    await run("DM: mention of the bot", REPLY,
-              lambda: fake.send(w.carol, dm_carol, f"{bot} hello there"), "hello there")
+    await run(
+        "DM: attachment, no text",
+        ATTACHMENT,
+        lambda: fake.send(w.member, dm_bob, "", attachments=[fake.attachment("a.pdf")]),
+    )
+    await run(
+        "DM: attachment with text",
+        REPLY,
+        lambda: fake.send(w.member, dm_bob, "look at this", attachments=[fake.attachment()]),
+        "look at this",
+    )
+    await run(
+        "DM: mention of the bot", REPLY, lambda: fake.send(w.carol, dm_carol, f"{bot} hello there"), "hello there"
+    )
     await run("DM: bare mention", HINT, lambda: fake.send(w.carol, dm_carol, bot))
     await run("DM: 4000 characters", REPLY, lambda: fake.send(w.carol, dm_carol, "🙂" * 4000, nitro=True))
     await run("DM: zalgo", REPLY, lambda: fake.send(w.admin, dm_alice, ZALGO))
@@ -162,10 +212,15 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     dm_first = await run("DM: start", REPLY, lambda: fake.send(w.owner, dm_owner, "what do you like to do for fun"))
     assert dm_first is not None
     dm_answer = await fake.wait_reply(dm_first)
-    await run("DM: reply to the bot", REPLY,
-              lambda: fake.send(w.owner, dm_owner, "me too", reply_to=dm_answer), "me too")
-    await run("DM: reply to the bot, ping off", REPLY,
-              lambda: fake.send(w.owner, dm_owner, "and also", reply_to=dm_answer, ping_author=False), "and also")
+    await run(
+        "DM: reply to the bot", REPLY, lambda: fake.send(w.owner, dm_owner, "me too", reply_to=dm_answer), "me too"
+    )
+    await run(
+        "DM: reply to the bot, ping off",
+        REPLY,
+        lambda: fake.send(w.owner, dm_owner, "and also", reply_to=dm_answer, ping_author=False),
+        "and also",
+    )
     dm_edit = await run("DM: answered, then edited", REPLY, lambda: fake.send(w.owner, dm_owner, "tell me a story"))
     assert dm_edit is not None
     await run("DM: the edit", EDIT, lambda: fake.edit(dm_edit, "tell me a different story"))
@@ -177,8 +232,10 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     # the gateway delivers in order and each conversation is answered in order.
     for channel in (g, w.thread, deleted_chan, dm_bob, dm_carol, dm_alice, dm_owner):
         await settle(channel)
-    await fake.wait_for(lambda: any(m["channel_id"] == str(deleted_chan.id) for m in fake.bot_messages),
-                        what="the answer to the deleted message")
+    await fake.wait_for(
+        lambda: any(m["channel_id"] == str(deleted_chan.id) for m in fake.bot_messages),
+        what="the answer to the deleted message",
+    )
 
     assert len(cases) >= 30
     replies_to: dict[str, list[dict[str, Any]]] = {}
@@ -210,8 +267,9 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
             problems.append(f"{case.name}: expected the empty-mention hint, got {text!r}")
         elif case.expect == ATTACHMENT and text != ATTACHMENT_ONLY_TEXT:
             problems.append(f"{case.name}: expected the attachment notice, got {text!r}")
-        elif case.expect == REPLY and (text in NOT_AN_ANSWER or text in (EMPTY_MENTION_TEXT, ATTACHMENT_ONLY_TEXT)
-                                       or not text.strip()):
+        elif case.expect == REPLY and (
+            text in NOT_AN_ANSWER or text in (EMPTY_MENTION_TEXT, ATTACHMENT_ONLY_TEXT) or not text.strip()
+        ):
             problems.append(f"{case.name}: expected a model reply, got {text!r}")
     assert not problems, "\n".join(problems)
 

@@ -47,8 +47,9 @@ async def test_history_survives_a_restart(fake_discord: FakeDiscord, bot_factory
     # The new bot saw the old conversation: its replies are those of the continued history...
     general = [Turn("user", "hello there"), Turn("bot", a1), Turn("user", "what do you like to do for fun")]
     assert a2 == await second.engine.reply(general)
-    assert d2 == await second.engine.reply([Turn("user", "do you have any pets"), Turn("bot", d1),
-                                            Turn("user", "tell me about space")])
+    assert d2 == await second.engine.reply(
+        [Turn("user", "do you have any pets"), Turn("bot", d1), Turn("user", "tell me about space")]
+    )
     # ...which differ from a fresh start (otherwise this would prove nothing)...
     assert a2 != await second.engine.reply(general[-1:])
     # ...and every turn, from before and after the restart, is in the store in order.
@@ -69,8 +70,12 @@ async def test_messages_arriving_together_are_answered_in_order_when_typing_is_s
     reply2 = await fake.wait_reply(second)
     reply1 = await fake.wait_reply(first)
     turns = harness.history.get(conversation(w.general))
-    assert turns[2:] == [Turn("user", "hello there"), Turn("bot", reply1["content"]),
-                         Turn("user", "do you have any pets"), Turn("bot", reply2["content"])]
+    assert turns[2:] == [
+        Turn("user", "hello there"),
+        Turn("bot", reply1["content"]),
+        Turn("user", "do you have any pets"),
+        Turn("bot", reply2["content"]),
+    ]
     assert reply2["content"] == await harness.engine.reply(turns[:5])
     # (The second answer may be posted first: the first waits for its typing request to come back.)
 
@@ -96,9 +101,7 @@ class SlowSteps:
         monkeypatch.setattr(BlenderbotForConditionalGeneration, "forward", forward)
 
 
-async def test_generation_deadline_through_discord(
-    bot_factory: BotFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_generation_deadline_through_discord(bot_factory: BotFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     slow = SlowSteps(0.2)
     slow.install(monkeypatch)
     # Greedy, exactly 8 new tokens: at 0.2 s a step the slow reply needs 1.6 s, past the 0.5 s deadline.
@@ -158,8 +161,14 @@ async def test_sigterm_with_replies_in_flight_tells_everyone_and_exits_cleanly(
     fake, w = fake_discord, fake_discord.world
     # Every reply takes 8 steps of 0.4 s: far longer than the 1 s of grace.
     bot = await launch(
-        fake, tmp_path, tiny_model_dir,
-        SHUTDOWN_GRACE_SECONDS="1", TEST_SLOW_STEP_S="0.4", NUM_BEAMS="1", MIN_NEW_TOKENS="8", MAX_NEW_TOKENS="8",
+        fake,
+        tmp_path,
+        tiny_model_dir,
+        SHUTDOWN_GRACE_SECONDS="1",
+        TEST_SLOW_STEP_S="0.4",
+        NUM_BEAMS="1",
+        MIN_NEW_TOKENS="8",
+        MAX_NEW_TOKENS="8",
     )
     dm = w.dm_with(w.admin)
     try:
@@ -173,7 +182,8 @@ async def test_sigterm_with_replies_in_flight_tells_everyone_and_exits_cleanly(
         ]
         await fake.wait_for(
             lambda: len(fake.typing_calls(w.general)) >= 2 and fake.typing_calls(w.random) and fake.typing_calls(dm),
-            timeout=30, what="every message to be in progress",
+            timeout=30,
+            what="every message to be in progress",
         )
         bot.process.send_signal(signal.SIGTERM)
         await bot.wait_stderr("stopping: finishing replies in progress", timeout=30)

@@ -256,8 +256,11 @@ class FakeDiscord:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
     async def wait_ready_session(self, timeout: float = 15.0) -> None:
-        await self.wait_for(lambda: self._session is not None and self._session.conn is not None,
-                            timeout=timeout, what="the bot to IDENTIFY")
+        await self.wait_for(
+            lambda: self._session is not None and self._session.conn is not None,
+            timeout=timeout,
+            what="the bot to IDENTIFY",
+        )
 
     async def wait_reply(self, message: dict[str, Any], *, timeout: float = 15.0) -> dict[str, Any]:
         """The bot's message that replies to (references) the user's `message`."""
@@ -276,8 +279,11 @@ class FakeDiscord:
 
     async def wait_response(self, interaction: Interaction, *, timeout: float = 15.0) -> dict[str, Any]:
         """The bot's (first) callback to an interaction: `{"type": 4, "data": {...}}`."""
-        return await self.wait_for(lambda: interaction.response, timeout=timeout,  # type: ignore[return-value]
-                                   what=f"a response to /{interaction.name}")
+        return await self.wait_for(
+            lambda: interaction.response,
+            timeout=timeout,  # type: ignore[return-value]
+            what=f"a response to /{interaction.name}",
+        )
 
     # ----- queries -----------------------------------------------------------------------------
 
@@ -338,7 +344,13 @@ class FakeDiscord:
         sender = User(webhook_id, "Captain Hook", bot=True) if webhook_id else author
         kind = message_type if message_type is not None else 19 if reference else 0
         message = w.message_payload(
-            channel, sender, content, type=kind, reference=reference, webhook_id=webhook_id, attachments=attachments,
+            channel,
+            sender,
+            content,
+            type=kind,
+            reference=reference,
+            webhook_id=webhook_id,
+            attachments=attachments,
         )
         if reply_to is not None and ping_author:
             replied = self.world.users.get(int(reply_to["author"]["id"]))
@@ -356,8 +368,7 @@ class FakeDiscord:
         """The author edits `message`; the bot receives MESSAGE_UPDATE with the new content."""
         channel = self.world.channels[int(message["channel_id"])]
         users, roles = self.world.mentions_in(content, channel)
-        edited = {**message, "content": content, "mentions": users, "mention_roles": roles,
-                  "edited_timestamp": iso()}
+        edited = {**message, "content": content, "mentions": users, "mention_roles": roles, "edited_timestamp": iso()}
         if int(message["id"]) in channel.messages:
             channel.messages[int(message["id"])] = edited
         await self.dispatch("MESSAGE_UPDATE", edited)
@@ -376,8 +387,16 @@ class FakeDiscord:
         """An attachment payload as Discord sends it in MESSAGE_CREATE."""
         aid = self.world.ids.next()
         url = f"{self.base_url}/attachments/{aid}/{filename}"
-        return {"id": str(aid), "filename": filename, "size": size, "url": url, "proxy_url": url,
-                "content_type": "image/png", "width": 64, "height": 64}
+        return {
+            "id": str(aid),
+            "filename": filename,
+            "size": size,
+            "url": url,
+            "proxy_url": url,
+            "content_type": "image/png",
+            "width": 64,
+            "height": 64,
+        }
 
     async def mention(self, author: User, channel: Channel, text: str) -> dict[str, Any]:
         """`author` writes `<@bot> text` in `channel` (in a DM, just `text` is more natural)."""
@@ -464,8 +483,12 @@ class FakeDiscord:
         if guild_id:
             member = w.members[user.id].payload()
             member["permissions"] = str(perms)
-            payload.update(guild_id=str(guild_id), guild_locale="en-US",
-                           guild={"id": str(guild_id), "locale": "en-US", "features": []}, member=member)
+            payload.update(
+                guild_id=str(guild_id),
+                guild_locale="en-US",
+                guild={"id": str(guild_id), "locale": "en-US", "features": []},
+                member=member,
+            )
         else:
             payload["user"] = user.payload()
         record = Interaction(iid, token, name, user, channel, payload, time.monotonic() - age)
@@ -666,7 +689,11 @@ class FakeDiscord:
                 except ValueError:
                     body = raw.decode(errors="replace")
         call = RestCall(
-            request.method, request.path[len(API_PREFIX):], dict(request.query), body, time.monotonic(),
+            request.method,
+            request.path[len(API_PREFIX) :],
+            dict(request.query),
+            body,
+            time.monotonic(),
             request.headers.get("Authorization"),
         )
         self.calls.append(call)
@@ -697,11 +724,13 @@ class FakeDiscord:
         return _json({"url": self.gateway_url})
 
     async def _get_gateway_bot(self, request: web.Request) -> web.Response:
-        return _json({
-            "url": self.gateway_url,
-            "shards": 1,
-            "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1},
-        })
+        return _json(
+            {
+                "url": self.gateway_url,
+                "shards": 1,
+                "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1},
+            }
+        )
 
     async def _get_me(self, request: web.Request) -> web.Response:
         me = self.world.bot_user.payload()
@@ -710,28 +739,30 @@ class FakeDiscord:
 
     async def _get_application(self, request: web.Request) -> web.Response:
         w = self.world
-        return _json({
-            "id": str(w.application_id),
-            "name": w.bot_user.username,
-            "icon": None,
-            "description": "",
-            "summary": "",
-            "type": None,
-            "bot_public": True,
-            "bot_require_code_grant": False,
-            "verify_key": "0" * 64,
-            "flags": 1 << 23,  # GATEWAY_MESSAGE_CONTENT_LIMITED
-            "hook": True,
-            "is_monetized": False,
-            "owner": w.owner.payload(),
-            "team": None,
-            "bot": w.bot_user.payload(),
-            "redirect_uris": [],
-            "interactions_endpoint_url": None,
-            "install_params": {"scopes": ["bot", "applications.commands"], "permissions": "274877975552"},
-            "integration_types_config": {"0": {}},
-            "approximate_guild_count": 1,
-        })
+        return _json(
+            {
+                "id": str(w.application_id),
+                "name": w.bot_user.username,
+                "icon": None,
+                "description": "",
+                "summary": "",
+                "type": None,
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "0" * 64,
+                "flags": 1 << 23,  # GATEWAY_MESSAGE_CONTENT_LIMITED
+                "hook": True,
+                "is_monetized": False,
+                "owner": w.owner.payload(),
+                "team": None,
+                "bot": w.bot_user.payload(),
+                "redirect_uris": [],
+                "interactions_endpoint_url": None,
+                "install_params": {"scopes": ["bot", "applications.commands"], "permissions": "274877975552"},
+                "integration_types_config": {"0": {}},
+                "approximate_guild_count": 1,
+            }
+        )
 
     def _check_app(self, request: web.Request) -> int | None:
         if request.match_info["app"] != str(self.world.application_id):
@@ -757,8 +788,11 @@ class FakeDiscord:
         for index, cmd in enumerate(body):
             self._validate_command(index, cmd)
             if cmd["name"] in names:
-                raise _form_error(f"{index}.name", "APPLICATION_COMMANDS_DUPLICATE_NAME",
-                                  f"Application command names must be unique: {cmd['name']}")
+                raise _form_error(
+                    f"{index}.name",
+                    "APPLICATION_COMMANDS_DUPLICATE_NAME",
+                    f"Application command names must be unique: {cmd['name']}",
+                )
             names.add(cmd["name"])
             old = self.commands.get((guild_id, cmd["name"]))
             record = {
@@ -769,7 +803,8 @@ class FakeDiscord:
                 "name": cmd["name"],
                 "description": cmd.get("description", ""),
                 "options": cmd.get("options", []),
-                "default_member_permissions": None if cmd.get("default_member_permissions") is None
+                "default_member_permissions": None
+                if cmd.get("default_member_permissions") is None
                 else str(cmd["default_member_permissions"]),
                 "dm_permission": cmd.get("dm_permission", True),
                 "contexts": cmd.get("contexts"),
@@ -795,8 +830,9 @@ class FakeDiscord:
             raise _form_error(f"{index}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
         dmp = cmd.get("default_member_permissions")
         # Discord takes an integer or a string of digits, and always answers with a string.
-        if dmp is not None and not (isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0
-                                    or isinstance(dmp, str) and dmp.isdigit()):
+        if dmp is not None and not (
+            isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0 or isinstance(dmp, str) and dmp.isdigit()
+        ):
             raise _form_error(f"{index}.default_member_permissions", "NUMBER_TYPE_COERCE", "Value is not int.")
         options = cmd.get("options") or []
         if len(options) > 25:
@@ -807,12 +843,16 @@ class FakeDiscord:
             if not _COMMAND_NAME.match(option.get("name", "")):
                 raise _form_error(f"{where}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
             if not 1 <= len(option.get("description") or "") <= 100:
-                raise _form_error(f"{where}.description", "BASE_TYPE_BAD_LENGTH",
-                                  "Must be between 1 and 100 in length.")
+                raise _form_error(
+                    f"{where}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length."
+                )
             if option.get("required"):
                 if seen_optional:
-                    raise _form_error(where, "APPLICATION_COMMAND_OPTIONS_REQUIRED_INVALID",
-                                      "Required options must be placed before non-required options")
+                    raise _form_error(
+                        where,
+                        "APPLICATION_COMMAND_OPTIONS_REQUIRED_INVALID",
+                        "Required options must be placed before non-required options",
+                    )
             else:
                 seen_optional = True
             if len(option.get("choices") or []) > 25:
@@ -839,10 +879,16 @@ class FakeDiscord:
             raise DiscordError(403, 50013, "Missing Permissions")
         # Discord's rate-limit headers: once discord.py has seen them it sends several typing
         # requests to one channel at once (without them it sends one at a time).
-        return web.Response(status=204, headers={
-            "X-RateLimit-Bucket": "fake-typing", "X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "49",
-            "X-RateLimit-Reset-After": "1.000", "X-RateLimit-Reset": f"{time.time() + 1:.3f}",
-        })
+        return web.Response(
+            status=204,
+            headers={
+                "X-RateLimit-Bucket": "fake-typing",
+                "X-RateLimit-Limit": "50",
+                "X-RateLimit-Remaining": "49",
+                "X-RateLimit-Reset-After": "1.000",
+                "X-RateLimit-Reset": f"{time.time() + 1:.3f}",
+            },
+        )
 
     @staticmethod
     def _validate_content(body: dict[str, Any], prefix: str = "") -> None:
@@ -850,10 +896,12 @@ class FakeDiscord:
         if content is not None and not isinstance(content, str):
             raise _form_error(prefix + "content", "STRING_TYPE_CONVERT", "Could not interpret value as string.")
         if len(content or "") > MESSAGE_LIMIT:
-            raise _form_error(prefix + "content", "BASE_TYPE_MAX_LENGTH",
-                              f"Must be {MESSAGE_LIMIT} or fewer in length.")
-        if not (content or "").strip() and not any(body.get(k) for k in ("embeds", "attachments", "sticker_ids",
-                                                                          "components", "poll")):
+            raise _form_error(
+                prefix + "content", "BASE_TYPE_MAX_LENGTH", f"Must be {MESSAGE_LIMIT} or fewer in length."
+            )
+        if not (content or "").strip() and not any(
+            body.get(k) for k in ("embeds", "attachments", "sticker_ids", "components", "poll")
+        ):
             raise DiscordError(400, 50006, "Cannot send an empty message")
         allowed = body.get("allowed_mentions")
         if allowed is not None:
@@ -862,8 +910,11 @@ class FakeDiscord:
                 raise _form_error(prefix + "allowed_mentions.parse", "BASE_TYPE_CHOICES", "Value must be one of.")
             for kind in ("users", "roles"):
                 if kind in parse and allowed.get(kind):
-                    raise _form_error(prefix + "allowed_mentions", "MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE",
-                                      f"parse:[\"{kind}\"] and {kind}: [ids] are mutually exclusive.")
+                    raise _form_error(
+                        prefix + "allowed_mentions",
+                        "MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE",
+                        f'parse:["{kind}"] and {kind}: [ids] are mutually exclusive.',
+                    )
 
     def pings(self, message: dict[str, Any], body: dict[str, Any], channel: Channel) -> dict[str, Any]:
         """Who Discord would notify for a message the bot posted: users, roles, @everyone."""
@@ -881,7 +932,8 @@ class FakeDiscord:
             pinged_users.add(referenced["author"]["id"])
         can_everyone = bool(w.permissions_in(w.bot_user.id, channel) & MENTION_EVERYONE) or channel.guild_id is None
         pinged_roles = {
-            r for r in message["mention_roles"]
+            r
+            for r in message["mention_roles"]
             if ("roles" in parse and (w.roles[int(r)].mentionable or can_everyone)) or r in roles
         }
         everyone = message["mention_everyone"] and "everyone" in parse
@@ -908,13 +960,22 @@ class FakeDiscord:
                     raise _form_error("message_reference", "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message")
                 reference = None
             else:
-                reference = {"type": 0, "message_id": target["id"], "channel_id": target["channel_id"],
-                             "fail_if_not_exists": bool(reference.get("fail_if_not_exists", True))}
+                reference = {
+                    "type": 0,
+                    "message_id": target["id"],
+                    "channel_id": target["channel_id"],
+                    "fail_if_not_exists": bool(reference.get("fail_if_not_exists", True)),
+                }
                 if channel.guild_id:
                     reference["guild_id"] = str(channel.guild_id)
         message = w.message_payload(
-            channel, w.bot_user, body.get("content") or "", type=19 if reference else 0, reference=reference,
-            flags=int(body.get("flags") or 0), nonce=body.get("nonce"),
+            channel,
+            w.bot_user,
+            body.get("content") or "",
+            type=19 if reference else 0,
+            reference=reference,
+            flags=int(body.get("flags") or 0),
+            nonce=body.get("nonce"),
         )
         channel.messages[int(message["id"])] = message
         # `pings` is the fake's own bookkeeping (who Discord would notify); it never goes to the bot.
@@ -946,24 +1007,31 @@ class FakeDiscord:
         record.response_times.append(now)
         flags = int(data.get("flags") or 0)
         message = w.message_payload(record.channel, w.bot_user, data.get("content") or "", type=20, flags=flags)
-        message["interaction_metadata"] = {"id": str(record.id), "type": 2, "user": record.user.payload(),
-                                           "authorizing_integration_owners": {}, "name": record.name}
+        message["interaction_metadata"] = {
+            "id": str(record.id),
+            "type": 2,
+            "user": record.user.payload(),
+            "authorizing_integration_owners": {},
+            "name": record.name,
+        }
         if not flags & EPHEMERAL and kind == 4:
             record.channel.messages[int(message["id"])] = message
             self.bot_messages.append({**message, "pings": self.pings(message, data, record.channel)})
             await self.dispatch("MESSAGE_CREATE", message)
         if request.query.get("with_response") not in ("1", "true", "True"):
             return web.Response(status=204)
-        return _json({
-            "interaction": {
-                "id": str(record.id),
-                "type": 2,
-                "response_message_id": message["id"],
-                "response_message_loading": kind == 5,
-                "response_message_ephemeral": bool(flags & EPHEMERAL),
-            },
-            "resource": {"type": kind, "message": message},
-        })
+        return _json(
+            {
+                "interaction": {
+                    "id": str(record.id),
+                    "type": 2,
+                    "response_message_id": message["id"],
+                    "response_message_loading": kind == 5,
+                    "response_message_ephemeral": bool(flags & EPHEMERAL),
+                },
+                "resource": {"type": kind, "message": message},
+            }
+        )
 
     async def _followup(self, request: web.Request) -> web.Response:
         w = self.world
@@ -975,6 +1043,7 @@ class FakeDiscord:
         body = await request.json()
         self._validate_content(body)
         record.followups.append(body)
-        message = w.message_payload(record.channel, w.bot_user, body.get("content") or "", type=20,
-                                    flags=int(body.get("flags") or 0))
+        message = w.message_payload(
+            record.channel, w.bot_user, body.get("content") or "", type=20, flags=int(body.get("flags") or 0)
+        )
         return _json(message)

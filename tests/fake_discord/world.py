@@ -264,7 +264,11 @@ class World:
                 self.ids.next(),
                 "ChatBot",
                 # Allowed to ping everyone: only allowed_mentions stands between the model and a ping.
-                VIEW_CHANNEL | SEND_MESSAGES | SEND_MESSAGES_IN_THREADS | READ_MESSAGE_HISTORY | EMBED_LINKS
+                VIEW_CHANNEL
+                | SEND_MESSAGES
+                | SEND_MESSAGES_IN_THREADS
+                | READ_MESSAGE_HISTORY
+                | EMBED_LINKS
                 | MENTION_EVERYONE,
                 position=2,
                 managed=True,
@@ -313,8 +317,14 @@ class World:
     def add_text_channel(self, name: str, *, overwrites: list[Overwrite] | None = None) -> Channel:
         position = sum(1 for c in self.channels.values() if c.type == GUILD_TEXT)
         return self._add(
-            Channel(self.ids.next(), GUILD_TEXT, name=name, guild_id=self.guild_id, position=position,
-                    overwrites=list(overwrites or []))
+            Channel(
+                self.ids.next(),
+                GUILD_TEXT,
+                name=name,
+                guild_id=self.guild_id,
+                position=position,
+                overwrites=list(overwrites or []),
+            )
         )
 
     def dm_with(self, user: User) -> Channel:
@@ -453,8 +463,7 @@ class World:
     ) -> dict[str, Any]:
         users, roles = self.mentions_in(content, channel)
         everyone = ("@everyone" in content or "@here" in content) and (
-            channel.guild_id is None
-            or bool(self.permissions_in(author.id, channel) & MENTION_EVERYONE)
+            channel.guild_id is None or bool(self.permissions_in(author.id, channel) & MENTION_EVERYONE)
         )
         data: dict[str, Any] = {
             "id": str(message_id or self.ids.next()),

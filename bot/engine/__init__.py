@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.prompt import build_input_ids
+from bot.engine.prompt import build_input_ids
 from bot.types import Turn
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def resolve_precision(requested: str, device: str) -> str:
 
 def _can_quantize() -> bool:
     try:
-        from bot.int8 import can_quantize
+        from bot.engine.int8 import can_quantize
     except Exception:  # noqa: BLE001 - a torch without quantized ops
         return False
     return can_quantize()
@@ -144,7 +144,7 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
     """Move the model to its device and precision; returns the model and the precision used.
 
     int8 (CPU only): every nn.Linear, the tied output projection included, becomes a
-    `RowwiseInt8Linear` (bot/int8.py): int8 weights per output channel, activations quantized per
+    `RowwiseInt8Linear` (bot/engine/int8.py): int8 weights per output channel, activations quantized per
     row so a reply does not depend on what else is in the batch. Linears are swapped one at a time
     and the fp32 pages of each are dropped as soon as it is quantized, so the fp32 model is never
     fully resident.
@@ -157,7 +157,7 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
         log.warning("this torch build cannot quantize to int8; falling back to bf16")
         precision = "bf16"
     if precision == "int8":
-        from bot.int8 import detach_from_files_, quantize_linears_
+        from bot.engine.int8 import detach_from_files_, quantize_linears_
 
         with torch.no_grad():
             quantize_linears_(model)
@@ -169,7 +169,7 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
         model = model.to(dtype=torch.float16)
     model = model.to(device).eval()
     if getattr(model.config, "is_encoder_decoder", False):
-        from bot.beam_search import reorder_self_attention_only
+        from bot.engine.beam_search import reorder_self_attention_only
 
         model._reorder_cache = reorder_self_attention_only  # generate() prefers the model's own hook
     return model, precision
@@ -303,7 +303,9 @@ class Engine:
         try:
             self._load()
         except BaseException as exc:  # noqa: BLE001 - reported to the awaiting coroutine
-            error = exc if isinstance(exc, EngineError) else EngineError(f"could not load {self.config.model_name}: {exc}")
+            error = (
+                exc if isinstance(exc, EngineError) else EngineError(f"could not load {self.config.model_name}: {exc}")
+            )
             _settle_from_thread(loop, loaded, None, error)
             return
         if self._closed or not _settle_from_thread(loop, loaded, None, None):
@@ -336,7 +338,7 @@ class Engine:
         self.max_input_tokens = int(model.config.max_position_embeddings)
         self._generation_config = self._build_generation_config(self._model)
         if self._generation_config.num_beams > 1:
-            from bot.beam_search import share_cross_attention_
+            from bot.engine.beam_search import share_cross_attention_
 
             for projection in share_cross_attention_(self._model):
                 projection.group = self._generation_config.num_beams

@@ -135,4 +135,3 @@ def detach_from_files_(model: nn.Module) -> None:
         start = tensor.data_ptr()
         if tensor.numel() and _in_file(ranges, start, start + tensor.numel() * tensor.element_size()):
             tensor.data = tensor.data.clone()
-
