@@ -1,42 +1,36 @@
-"""The model engine: loading, precision, and one generation thread fed by a batching queue.
+"""The model engine: loading, precision, and a decode loop that batches requests step by step.
 
-PyTorch is not async-aware, so every model call runs on one dedicated thread. The event loop only
-submits requests and awaits futures. Requests from different conversations that wait at the same
-time are generated in one padded `generate` call; the queue is bounded and refuses work when full.
+PyTorch is not async-aware, so every model call runs on one dedicated thread (`scheduler.py`). The
+event loop only submits requests and awaits futures. Requests join the running batch at the next
+decoding step and leave it as soon as their reply is complete; the queue of requests waiting for a
+place is bounded and refuses work when full.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
 import threading
 import time
-from collections import deque
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
 from bot.engine.prompt import build_input_ids
 from bot.types import Turn
 
+__all__ = [
+    "Engine",
+    "EngineBusy",
+    "EngineClosed",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "GenerationTimeout",
+]
+
 log = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """The model could not be loaded or failed to generate."""
-
-
-class EngineBusy(EngineError):
-    """Too many requests are waiting; try again in a moment."""
-
-
-class EngineClosed(EngineError):
-    """The engine has been closed and takes no more work."""
-
-
-class GenerationTimeout(EngineError):
-    """Generation ran past its deadline and was stopped."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +42,6 @@ class EngineConfig:
     min_new_tokens: int | None = None
     max_new_tokens: int | None = None
     max_batch: int = 8
-    batch_window_ms: int = 20
     max_queue: int = 32
     generation_timeout_seconds: float = 60.0
 
@@ -62,7 +55,6 @@ class EngineConfig:
             min_new_tokens=settings.min_new_tokens,
             max_new_tokens=settings.max_new_tokens,
             max_batch=settings.max_batch,
-            batch_window_ms=settings.batch_window_ms,
             max_queue=settings.max_queue,
             generation_timeout_seconds=settings.generation_timeout_seconds,
         )
@@ -74,22 +66,14 @@ class EngineStats:
     device: str
     precision: str
     queue_depth: int
+    running: int
     replies: int
     latency_p50_s: float | None
     latency_p95_s: float | None
+    queue_wait_p50_s: float | None
+    queue_wait_p95_s: float | None
     tokens_per_second: float | None
     uptime_s: float
-
-
-@dataclass
-class _Request:
-    input_ids: list[int]
-    future: asyncio.Future[str]
-    loop: asyncio.AbstractEventLoop
-    submitted: float = field(default_factory=time.monotonic)
-
-
-_STOP = object()
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -100,118 +84,8 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[index]
 
 
-def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested != "auto":
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise EngineError("DEVICE=cuda but no CUDA GPU is available to torch")
-        if requested == "mps" and not torch.backends.mps.is_available():
-            raise EngineError("DEVICE=mps but Apple's MPS backend is not available")
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_precision(requested: str, device: str) -> str:
-    import torch
-
-    if requested == "auto":
-        if device == "cpu":
-            return "int8"
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp16"
-    if requested == "int8" and device != "cpu":
-        raise EngineError(f"PRECISION=int8 works only on the CPU, not on DEVICE={device}")
-    if requested == "fp16" and device == "cpu":
-        raise EngineError("PRECISION=fp16 is not supported on the CPU; use bf16 or int8")
-    return requested
-
-
-def _can_quantize() -> bool:
-    try:
-        from bot.engine.int8 import can_quantize
-    except Exception:  # noqa: BLE001 - a torch without quantized ops
-        return False
-    return can_quantize()
-
-
-def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
-    """Move the model to its device and precision; returns the model and the precision used.
-
-    int8 (CPU only): every nn.Linear, the tied output projection included, becomes a
-    `RowwiseInt8Linear` (bot/engine/int8.py): int8 weights per output channel, activations quantized per
-    row so a reply does not depend on what else is in the batch. Linears are swapped one at a time
-    and the fp32 pages of each are dropped as soon as it is quantized, so the fp32 model is never
-    fully resident.
-    """
-    import gc
-
-    import torch
-
-    if precision == "int8" and not _can_quantize():
-        log.warning("this torch build cannot quantize to int8; falling back to bf16")
-        precision = "bf16"
-    if precision == "int8":
-        from bot.engine.int8 import detach_from_files_, quantize_linears_
-
-        with torch.no_grad():
-            quantize_linears_(model)
-            detach_from_files_(model)
-        gc.collect()  # closes the mapped checkpoint once nothing points into it
-    elif precision == "bf16":
-        model = model.to(dtype=torch.bfloat16)
-    elif precision == "fp16":
-        model = model.to(dtype=torch.float16)
-    model = model.to(device).eval()
-    if getattr(model.config, "is_encoder_decoder", False):
-        from bot.engine.beam_search import reorder_self_attention_only
-
-        model._reorder_cache = reorder_self_attention_only  # generate() prefers the model's own hook
-    return model, precision
-
-
-def _limit_heap_fragmentation(threshold: int = 4 << 20) -> None:
-    """Give large buffers back to the OS when freed (glibc), so RSS stays near what is in use.
-
-    glibc raises its mmap threshold each time a large block is freed, after which tensors of tens of
-    MB come from the engine thread's heap arena, which cannot shrink past its live top: loading the
-    int8 model then sits at ~1.4 GB instead of ~0.8 GB. A fixed threshold keeps them as mmaps.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; fixing it also turns off the dynamic raise
-    except (OSError, AttributeError):
-        pass
-
-
-class _Deadline:
-    """A stopping criterion that ends the whole batch once its deadline passes or the engine closes."""
-
-    def __init__(self, deadline: float, closing: threading.Event) -> None:
-        self.deadline = deadline
-        self.closing = closing
-        self.expired = False
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        if time.monotonic() >= self.deadline or self.closing.is_set():
-            self.expired = True
-        return torch.full((input_ids.shape[0],), self.expired, dtype=torch.bool, device=input_ids.device)
-
-
 class Engine:
-    """Owns the tokenizer, the model and the generation thread. Knows nothing of Discord."""
+    """Owns the tokenizer, the model and the decode-loop thread. Knows nothing of Discord."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -221,20 +95,15 @@ class Engine:
         self._tokenizer: Any = None
         self._model: Any = None
         self._generation_config: Any = None
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._scheduler: Any = None  # a bot.engine.scheduler.Scheduler once loaded
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._closing = threading.Event()  # seen by the generation thread mid-batch
         self._started_at = time.monotonic()
-        self._latencies: deque[float] = deque(maxlen=1000)
-        self._replies = 0
-        self._tokens_generated = 0
-        self._generate_seconds = 0.0
 
     # ----- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the tokenizer and model on the generation thread, then start serving."""
+        """Load the tokenizer and model on the engine thread, then start serving."""
         loop = asyncio.get_running_loop()
         loaded: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._run, args=(loop, loaded), name="engine", daemon=True)
@@ -243,15 +112,14 @@ class Engine:
         self._started_at = time.monotonic()
 
     async def close(self) -> None:
-        """Stop the generation thread after the batch in progress; waiting requests are refused."""
+        """Stop the decode loop at the next step; running and waiting requests are told it closed."""
         if self._closed:
             return
         self._closed = True
-        self._closing.set()
-        self._drain(EngineClosed("the bot is shutting down"))
-        self._queue.put(_STOP)
+        if self._scheduler is not None:
+            self._scheduler.stop()
         # A model still loading cannot be interrupted; its daemon thread ends with the process.
-        if self._thread is not None and self._model is not None:
+        if self._thread is not None and self._scheduler is not None:
             await asyncio.to_thread(self._thread.join)
 
     async def __aenter__(self) -> Engine:
@@ -274,59 +142,73 @@ class Engine:
 
     async def reply(self, history: Sequence[Turn]) -> str:
         """Generate the bot's next turn for `history` (oldest first, newest user turn last)."""
-        if self._closed or self._model is None:
+        from bot.engine.scheduler import Request
+
+        if self._closed or self._scheduler is None:
             raise EngineClosed("the model is not running")
-        if self._queue.qsize() >= self.config.max_queue:
-            raise EngineBusy(f"{self.config.max_queue} requests are already waiting")
         loop = asyncio.get_running_loop()
-        request = _Request(self.encode_prompt(history), loop.create_future(), loop)
-        self._queue.put(request)
-        return await request.future
+        future: asyncio.Future[str] = loop.create_future()
+
+        def deliver(text: str | None, error: BaseException | None) -> None:
+            _settle_from_thread(loop, future, text, error)
+
+        now = time.monotonic()
+        self._scheduler.submit(
+            Request(
+                self.encode_prompt(history),
+                deliver,
+                deadline=now + self.config.generation_timeout_seconds,
+                abandoned=future.cancelled,
+                submitted=now,
+            )
+        )
+        return await future
 
     def stats(self) -> EngineStats:
-        latencies = list(self._latencies)
+        scheduler = self._scheduler
+        counters = scheduler.counters if scheduler is not None else None
+        latencies = list(counters.latencies) if counters else []
+        waits = list(counters.queue_waits) if counters else []
         return EngineStats(
             model=self.config.model_name,
             device=self.device,
             precision=self.precision,
-            queue_depth=self._queue.qsize(),
-            replies=self._replies,
+            queue_depth=scheduler.waiting if scheduler is not None else 0,
+            running=counters.running if counters else 0,
+            replies=counters.replies if counters else 0,
             latency_p50_s=_percentile(latencies, 0.50),
             latency_p95_s=_percentile(latencies, 0.95),
-            tokens_per_second=(self._tokens_generated / self._generate_seconds) if self._generate_seconds else None,
+            queue_wait_p50_s=_percentile(waits, 0.50),
+            queue_wait_p95_s=_percentile(waits, 0.95),
+            tokens_per_second=(counters.tokens / counters.step_seconds) if counters and counters.step_seconds else None,
             uptime_s=time.monotonic() - self._started_at,
         )
 
-    # ----- the generation thread ---------------------------------------------------------------
+    # ----- the engine thread -------------------------------------------------------------------
 
     def _run(self, loop: asyncio.AbstractEventLoop, loaded: asyncio.Future[None]) -> None:
         try:
-            self._load()
+            scheduler = self._load()
         except BaseException as exc:  # noqa: BLE001 - reported to the awaiting coroutine
-            error = (
-                exc if isinstance(exc, EngineError) else EngineError(f"could not load {self.config.model_name}: {exc}")
-            )
+            error = exc if isinstance(exc, EngineError) else EngineError(f"could not load {self.config.model_name}: {exc}")
             _settle_from_thread(loop, loaded, None, error)
             return
+        self._scheduler = scheduler
         if self._closed or not _settle_from_thread(loop, loaded, None, None):
             return  # closed while loading: nobody is waiting for this model
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._generate(batch)
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one batch
-                log.exception("could not finish a batch of %d", len(batch))
-                for r in batch:
-                    _settle_from_thread(r.loop, r.future, None, EngineError(f"generation failed: {exc}"))
+        scheduler.run()
 
-    def _load(self) -> None:
+    def _load(self) -> Any:
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+        from bot.engine.decoding import DecodingPlan
+        from bot.engine.device import limit_heap_fragmentation, prepare_model, resolve_device, resolve_precision
+        from bot.engine.scheduler import Scheduler
+        from bot.engine.seq2seq import Seq2SeqRunner, UnsupportedModel
+
         started = time.monotonic()
-        _limit_heap_fragmentation()
+        limit_heap_fragmentation()
         self.device = resolve_device(self.config.device)
         precision = resolve_precision(self.config.precision, self.device)
         log.info("loading %s on %s (%s)", self.config.model_name, self.device, precision)
@@ -334,22 +216,37 @@ class Engine:
         model = AutoModelForSeq2SeqLM.from_pretrained(self.config.model_name, dtype=torch.float32)
         if not getattr(model.config, "is_encoder_decoder", False):
             raise EngineError(f"{self.config.model_name} is not an encoder-decoder chat model like BlenderBot")
-        self._model, self.precision = prepare_model(model, self.device, precision)
+        model, self.precision = prepare_model(model, self.device, precision)
         self.max_input_tokens = int(model.config.max_position_embeddings)
-        self._generation_config = self._build_generation_config(self._model)
-        if self._generation_config.num_beams > 1:
-            from bot.engine.beam_search import share_cross_attention_
-
-            for projection in share_cross_attention_(self._model):
-                projection.group = self._generation_config.num_beams
-        log.info(
-            "model ready in %.1fs: %s beams, %s-%s new tokens, batch up to %d",
-            time.monotonic() - started,
-            self._generation_config.num_beams,
-            self._generation_config.min_new_tokens or self._generation_config.min_length,
-            self._generation_config.max_new_tokens or self._generation_config.max_length,
-            self.config.max_batch,
+        self._model = model
+        self._generation_config = gen = self._build_generation_config(model)
+        plan = DecodingPlan.from_generation_config(gen, self.max_input_tokens)
+        # The int8 Linears compute in fp32; their attention caches are kept in bf16 to halve their size.
+        cache_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(self.precision, torch.bfloat16)
+        try:
+            runner = Seq2SeqRunner(
+                model,
+                max_blocks=self.config.max_batch,
+                beams=plan.num_beams,
+                max_length=plan.max_length,
+                cache_dtype=cache_dtype,
+            )
+        except UnsupportedModel as exc:
+            raise EngineError(f"{self.config.model_name} {exc}") from None
+        decode = self._tokenizer.decode
+        scheduler = Scheduler(
+            runner, plan, gen, lambda ids: decode(ids, skip_special_tokens=True), max_queue=self.config.max_queue
         )
+        log.info(
+            "model ready in %.1fs: %s beams, %s-%s new tokens, up to %d replies at once (%.0f MB of attention caches)",
+            time.monotonic() - started,
+            plan.num_beams,
+            max(plan.min_length - 1, 0),
+            plan.max_length - 1,
+            self.config.max_batch,
+            runner.cache_bytes() / 1e6,
+        )
+        return scheduler
 
     def _build_generation_config(self, model: Any) -> Any:
         """The model's own generation_config with the settings' overrides, installed on the model.
@@ -379,90 +276,17 @@ class Engine:
         if gen.num_beams == 1:
             gen.length_penalty = 1.0
             gen.early_stopping = False
+        if gen.do_sample:
+            log.warning("this engine decodes BlenderBot without sampling; do_sample in the model's config is ignored")
+            gen.do_sample = False
         model.generation_config = gen
         return gen
-
-    def _next_batch(self) -> list[_Request] | None:
-        """Block for one request, then collect more for up to the batching window."""
-        first = self._queue.get()
-        if first is _STOP:
-            return None
-        batch: list[_Request] = [first]
-        window_ends = time.monotonic() + self.config.batch_window_ms / 1000
-        while len(batch) < self.config.max_batch:
-            try:
-                item = self._queue.get(timeout=max(0.0, window_ends - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)  # seen again once this batch is done
-                break
-            batch.append(item)
-        return [r for r in batch if not r.future.cancelled()]
-
-    def _generate(self, batch: list[_Request]) -> None:
-        if not batch:
-            return
-        import torch
-
-        started = time.monotonic()
-        deadline = _Deadline(started + self.config.generation_timeout_seconds, self._closing)
-        pad = self._tokenizer.pad_token_id
-        # Every prompt is padded to the same fixed width, alone or batched: attention kernels add up
-        # differently for different key lengths, so padding only to the batch's longest prompt would
-        # let the other conversations in a batch change a reply. The cost is a little encoder work.
-        width = max(self.max_input_tokens, max(len(r.input_ids) for r in batch))
-        input_ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in batch])
-        attention = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in batch])
-        try:
-            with torch.inference_mode():
-                output = self._model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention.to(self.device),
-                    generation_config=self._generation_config,
-                    stopping_criteria=[deadline],
-                )
-        except Exception as exc:  # noqa: BLE001 - every waiting user gets an answer
-            log.exception("generation failed for a batch of %d", len(batch))
-            for r in batch:
-                r.loop.call_soon_threadsafe(_settle, r.future, None, EngineError(f"generation failed: {exc}"))
-            return
-        elapsed = time.monotonic() - started
-        if deadline.expired:
-            error: EngineError
-            if self._closing.is_set():
-                error = EngineClosed("the bot is shutting down")
-            else:
-                log.warning("generation stopped after %.1fs (GENERATION_TIMEOUT_SECONDS)", elapsed)
-                error = GenerationTimeout(f"stopped after {elapsed:.1f}s")
-            for r in batch:
-                r.loop.call_soon_threadsafe(_settle, r.future, None, error)
-            return
-        output = output.cpu()
-        texts = self._tokenizer.batch_decode(output, skip_special_tokens=True)
-        now = time.monotonic()
-        special = set(self._tokenizer.all_special_ids)
-        self._tokens_generated += sum(1 for t in output.flatten().tolist() if t not in special)
-        self._generate_seconds += elapsed
-        for r, text in zip(batch, texts):
-            self._latencies.append(now - r.submitted)
-            self._replies += 1
-            r.loop.call_soon_threadsafe(_settle, r.future, text.strip(), None)
-
-    def _drain(self, error: Exception) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                item.loop.call_soon_threadsafe(_settle, item.future, None, error)
 
 
 def _settle_from_thread(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, error: BaseException | None
 ) -> bool:
-    """Settle a future from the generation thread; False if its event loop is already gone."""
+    """Settle a future from the engine thread; False if its event loop is already gone."""
     try:
         loop.call_soon_threadsafe(_settle, future, result, error)
     except RuntimeError:  # the loop was closed, e.g. the bot stopped while the model was loading

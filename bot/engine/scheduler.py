@@ -1,0 +1,222 @@
+"""The decode loop: requests join and leave the running batch at every decoding step.
+
+One thread runs it. Between two steps it retires the requests that finished (their answers go out
+at once), admits waiting requests up to `max_batch` (each one's encoder pass runs then), and checks
+every request's own deadline. Each step then advances every row of every running request by one
+token (iteration-level scheduling, as in Orca and TGI).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bot.engine.decoding import DecodingPlan, Search, logits_processors, new_search
+from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.engine.seq2seq import Seq2SeqRunner
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[str | None, BaseException | None], None]
+
+
+@dataclass
+class Request:
+    """One prompt waiting for its reply. `deliver` is called once, from the engine thread."""
+
+    input_ids: list[int]
+    deliver: Deliver
+    deadline: float
+    abandoned: Callable[[], bool] = lambda: False
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Running:
+    request: Request
+    search: Search
+    admitted: float
+
+
+@dataclass
+class LoopCounters:
+    """What the loop has done so far; read (not written) by other threads for `/stats`."""
+
+    replies: int = 0
+    tokens: int = 0
+    step_seconds: float = 0.0
+    running: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    queue_waits: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+
+_STOP = object()
+
+
+class Scheduler:
+    """Admits, steps and retires requests on one `Seq2SeqRunner`; `run()` is the thread's body."""
+
+    def __init__(
+        self,
+        runner: Seq2SeqRunner,
+        plan: DecodingPlan,
+        generation_config: Any,
+        decode: Callable[[list[int]], str],
+        *,
+        max_queue: int,
+    ) -> None:
+        self.runner = runner
+        self.plan = plan
+        self.generation_config = generation_config
+        self.decode = decode
+        self.max_queue = max_queue
+        self.counters = LoopCounters()
+        self.closing = threading.Event()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._running: list[_Running] = []
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, request: Request) -> None:
+        if self.closing.is_set():
+            raise EngineClosed("the bot is shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            raise EngineBusy(f"{self.max_queue} requests are already waiting")
+        self._queue.put(request)
+
+    def stop(self) -> None:
+        """Finish at the next step boundary; running and waiting requests are told the bot is closing."""
+        self.closing.set()
+        self._queue.put(_STOP)
+
+    # ----- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.closing.is_set():
+            if not self._running and not self._admit(block=True):
+                continue
+            self._admit(block=False)
+            if self._running:
+                self._step()
+            self._expire()
+        closed = EngineClosed("the bot is shutting down")
+        self._fail_running(closed)
+        self._fail_waiting(closed)
+
+    def _admit(self, *, block: bool) -> bool:
+        """Move waiting requests into the batch while there is room; False if the loop must stop."""
+        while len(self._running) < self.runner.max_blocks:
+            try:
+                item = self._queue.get() if block else self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if item is _STOP:
+                return False
+            if item.abandoned():
+                continue
+            now = time.monotonic()
+            if now >= item.deadline:
+                self._finish(item, None, GenerationTimeout("waited past the deadline"))
+                continue
+            try:
+                self.runner.add_block(item.input_ids)
+            except Exception as exc:  # noqa: BLE001 - one bad prompt must not stop the loop
+                log.exception("could not start a reply")
+                self._finish(item, None, EngineError(f"generation failed: {exc}"))
+                continue
+            processors = logits_processors(self.generation_config, self.plan, item.input_ids)
+            self._running.append(_Running(item, new_search(self.plan, processors), now))
+            self.counters.queue_waits.append(now - item.submitted)
+        return True
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        running = self._running
+        try:
+            tokens = [t for r in running for t in r.search.next_tokens()]
+            positions = [r.search.length - 1 for r in running for _ in range(r.search.rows)]
+            logits = self.runner.step(
+                torch.tensor(tokens, device=self.runner.device), torch.tensor(positions, device=self.runner.device)
+            ).cpu()
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive any one step
+            log.exception("a decoding step failed for %d requests", len(running))
+            self._fail_running(EngineError(f"generation failed: {exc}"))
+            return
+        beams = self.runner.beams
+        order = list(range(self.runner.rows))
+        moved = False
+        done: list[int] = []
+        outcomes: list[tuple[Request, str | None, BaseException | None]] = []
+        for i, entry in enumerate(running):
+            try:
+                rows, finished = entry.search.advance(logits[i * beams : (i + 1) * beams])
+                if finished:
+                    tokens_out = entry.search.result()
+                    self.counters.tokens += len(tokens_out)
+                    outcomes.append((entry.request, self.decode(tokens_out).strip(), None))
+                    done.append(i)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+                log.exception("choosing the next token failed")
+                outcomes.append((entry.request, None, EngineError(f"generation failed: {exc}")))
+                done.append(i)
+                continue
+            if rows is not None:
+                order[i * beams : (i + 1) * beams] = [i * beams + r for r in rows]
+                moved = True
+        if moved:
+            filled = max(r.search.length for r in running)
+            self.runner.reorder_rows(torch.tensor(order, device=self.runner.device), filled)
+        self._retire(done)
+        self.counters.step_seconds += time.monotonic() - started
+        for request, text, error in outcomes:  # answers go out as soon as the step is over
+            self._finish(request, text, error)
+
+    def _expire(self) -> None:
+        """Stop requests past their own deadline, or whose waiter has gone; the others keep running."""
+        now = time.monotonic()
+        late: list[int] = []
+        for i, entry in enumerate(self._running):
+            if entry.request.abandoned():
+                late.append(i)
+            elif now >= entry.request.deadline:
+                log.warning("a reply was stopped after %.1fs (GENERATION_TIMEOUT_SECONDS)", now - entry.admitted)
+                self._finish(entry.request, None, GenerationTimeout(f"stopped after {now - entry.request.submitted:.1f}s"))
+                late.append(i)
+        self._retire(late)
+
+    def _retire(self, indexes: Sequence[int]) -> None:
+        for i in sorted(indexes, reverse=True):
+            self.runner.remove_block(i)
+            del self._running[i]
+        self.counters.running = len(self._running)
+
+    def _fail_running(self, error: EngineError) -> None:
+        for entry in self._running:
+            self._finish(entry.request, None, error)
+        self._retire(range(len(self._running)))
+
+    def _fail_waiting(self, error: EngineError) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                self._finish(item, None, error)
+
+    def _finish(self, request: Request, text: str | None, error: BaseException | None) -> None:
+        if error is None:
+            self.counters.replies += 1
+            self.counters.latencies.append(time.monotonic() - request.submitted)
+        request.deliver(text, error)
