@@ -24,10 +24,18 @@ class ModelLoadError(RuntimeError):
 
 
 def looks_like_path(name: str) -> bool:
-    """True for what can only be a local path: absolute, `.`/`~`-relative, or deeper than `namespace/name`."""
-    separators = [os.sep] + ([os.altsep] if os.altsep else [])
-    depth = sum(name.count(sep) for sep in separators)
-    return os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or depth > 1
+    """True for what can only be a local path, never a hub id.
+
+    That is: absolute, starting with `.` or `~`, holding a backslash, ending in a separator, or with
+    more than the one `/` of `namespace/name`.
+    """
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.endswith(os.sep)
+        or name.count("/") + (name.count(os.sep) if os.sep != "/" else 0) > 1
+    )
 
 
 def check_model_name(name: str) -> str:
@@ -46,28 +54,29 @@ def check_model_name(name: str) -> str:
     if path.exists():
         raise ModelLoadError(f"MODEL_NAME {name} is a file; a local model is the folder that holds its config.json")
     if looks_like_path(name):
-        raise ModelLoadError(f"MODEL_NAME {name} does not exist (no folder at {path.absolute()})")
+        raise ModelLoadError(f"MODEL_NAME {name} does not exist (no folder at {os.path.abspath(path)})")
     if not _HUB_ID.match(name) or ".." in name or "--" in name or name.endswith((".", "-")):
-        raise ModelLoadError(
-            f"MODEL_NAME {name!r} is neither a local folder nor a Hugging Face hub id like {_EXAMPLE}"
-        )
+        raise ModelLoadError(f"MODEL_NAME {name!r} is neither a local folder nor a Hugging Face hub id like {_EXAMPLE}")
     return name
 
 
 def load_tokenizer_and_model(model_name: str) -> tuple[Any, Any]:
-    """The tokenizer and the fp32 seq2seq model, from a local folder, the hub cache, or the hub."""
+    """The tokenizer and the fp32 seq2seq model, from a local folder, the hub cache, or the hub.
+
+    A `ModelLoadError` says why not in words that follow "Could not load the model 'NAME': ".
+    """
     name = check_model_name(model_name)
-    if Path(name).is_dir():
-        return _load(name, local_files_only=True, failed=f"could not load {name}")
     try:
-        return _load(name, local_files_only=True, failed="")
+        return _load(name, local_files_only=True)
     except ModelLoadError:
-        pass  # not (completely) in the cache: download it
+        if Path(name).is_dir():
+            raise
+    # A hub model not (completely) in the cache: download it.
     _check_hub_has(name)
-    return _load(name, local_files_only=False, failed=f"could not download {name} from the Hugging Face hub")
+    return _load(name, local_files_only=False, failed="it could not be downloaded from the Hugging Face hub: ")
 
 
-def _load(name: str, *, local_files_only: bool, failed: str) -> tuple[Any, Any]:
+def _load(name: str, *, local_files_only: bool, failed: str = "") -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -75,7 +84,7 @@ def _load(name: str, *, local_files_only: bool, failed: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
         model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_files_only)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{failed}: {one_line(exc)}") from exc
+        raise ModelLoadError(failed + one_line(exc)) from exc
     return tokenizer, model
 
 
@@ -85,21 +94,23 @@ def _check_hub_has(name: str) -> None:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     if constants.is_offline_mode():
-        raise ModelLoadError(f"{name} is not in the local model cache, and HF_HUB_OFFLINE forbids downloading it")
+        raise ModelLoadError("it is not in the local model cache, and HF_HUB_OFFLINE forbids downloading it")
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"), retry_on_errors=False)
     except GatedRepoError:
         raise ModelLoadError(
-            f"{name} is gated on the Hugging Face hub: accept its terms on huggingface.co and log in (hf auth login)"
+            "it is gated on the Hugging Face hub: accept its terms on huggingface.co, then log in (hf auth login)"
         ) from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"there is no model {name} on the Hugging Face hub (nor a local folder of that name)") from None
+        raise ModelLoadError(
+            "the Hugging Face hub has no such model, and there is no local folder of that name"
+        ) from None
     except HfHubHTTPError as exc:
-        raise ModelLoadError(f"could not download {name}: the Hugging Face hub answered {one_line(exc)}") from None
+        raise ModelLoadError(f"it could not be downloaded: the Hugging Face hub answered {one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - httpx errors: no network, DNS, proxy, TLS
         raise ModelLoadError(
-            f"could not download {name}: the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
-            f"({one_line(exc) or type(exc).__name__}). Check the network, or set MODEL_NAME to a local folder"
+            f"it could not be downloaded: the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+            f"({one_line(exc) or type(exc).__name__}); check the network, or set MODEL_NAME to a local folder"
         ) from None
 
 
