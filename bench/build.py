@@ -1,8 +1,10 @@
-"""Build the full-size random BlenderBot-400M-distill (and a tokenizer) once, into a cache dir.
+"""Build the full-size random BlenderBot-400M-distill (and a tokenizer) once, into bench/.cache.
 
-The hub cannot be reached, so the architecture and generation defaults come from
-/work/shared/blenderbot-400M-distill (or $BENCH_MODEL_SPEC). Compute per token does not depend on
-the weight values, so random weights cost exactly what the real ones would.
+The architecture and generation defaults are the real model's `config.json` and
+`generation_config.json`, kept in this repository under bench/models/blenderbot-400M-distill
+($BENCH_MODEL_SPEC names another directory holding the same two files). Nothing is downloaded.
+Compute per token does not depend on the weight values, so random weights cost exactly what the
+real ones would.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-SPEC_DIR = Path(os.environ.get("BENCH_MODEL_SPEC", "/work/shared/blenderbot-400M-distill"))
-CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+BENCH_DIR = Path(__file__).resolve().parent
+SPEC_DIR = Path(os.environ.get("BENCH_MODEL_SPEC") or BENCH_DIR / "models" / "blenderbot-400M-distill")
+CACHE_DIR = BENCH_DIR / ".cache"
 MODEL_DIR = CACHE_DIR / "blenderbot-400M-random"
 DONE = "BENCH_MODEL.json"
 
@@ -88,15 +91,19 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
-    """Write the random full-size model to `out` unless it is already there; returns `out`."""
-    if (out / DONE).is_file():
+    """Write the random full-size model to `out` unless it was already built from this spec; returns `out`."""
+    config_dict = json.loads((spec / "config.json").read_text())
+    gen_dict = json.loads((spec / "generation_config.json").read_text())
+    try:
+        built = json.loads((out / DONE).read_text())
+    except (OSError, ValueError):
+        built = {}
+    if built.get("config") == config_dict and built.get("generation_config") == gen_dict:
         return out
     import torch
     from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, GenerationConfig
 
     started = time.monotonic()
-    config_dict = json.loads((spec / "config.json").read_text())
-    gen_dict = json.loads((spec / "generation_config.json").read_text())
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -108,9 +115,14 @@ def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
     model.save_pretrained(str(tmp))
     params = sum(p.numel() for p in model.parameters())
     del model
-    (tmp / DONE).write_text(
-        json.dumps({"spec": str(spec), "parameters": params, "seconds": time.monotonic() - started})
-    )
+    done = {
+        "spec": str(spec),
+        "config": config_dict,
+        "generation_config": gen_dict,
+        "parameters": params,
+        "seconds": time.monotonic() - started,
+    }
+    (tmp / DONE).write_text(json.dumps(done, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
