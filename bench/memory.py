@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -23,10 +24,8 @@ def proc_status_mb() -> dict[str, float]:
 
 def reset_peak() -> None:
     """Reset VmHWM to the current RSS (Linux >= 4.0), so later peaks measure one phase."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _child(model_dir: str, mode: str) -> None:

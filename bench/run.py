@@ -17,8 +17,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from bench import bandwidth, memory, workload  # noqa: E402
-from bench.build import build_model  # noqa: E402
+from bench import bandwidth, memory, workload
+from bench.build import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [(10, 20), (1, 20), (10, 60), (1, 60)]  # (beams, new tokens)
@@ -119,9 +119,8 @@ def quantize_dynamic_mismatch(model_dir: Path, texts: dict[str, Any]) -> dict[st
     for beams in (1,):  # 10 beams costs minutes here; measured once by hand (see the issue report)
         alone = [generate([p], beams)[0] for p in prompts]
         batched = generate(prompts, beams)
-        result[f"b{beams}"] = sum(a != b for a, b in zip(alone, batched))
-    del model
-    return result
+        result[f"b{beams}"] = sum(a != b for a, b in zip(alone, batched, strict=True))
+    return result  # the model is freed here
 
 
 def naive_baseline(model_dir: Path, out: dict[str, Any], started: float) -> None:
@@ -171,7 +170,8 @@ def summarize(out: dict[str, Any]) -> list[str]:
         lines.append(
             f"{r['beams']:>5} {r['new_tokens']:>4} {r['n']:>4} | {naive_total:>12.2f}{mark or ' '} | "
             f"{r['makespan_s']:>14.2f} {r['speedup_vs_naive']:>7.1f}x | {r['latency_p50_s']:>7.2f} "
-            f"{r['latency_p95_s']:>7.2f} {r['replies_per_s']:>9.2f} {r['tokens_per_s']:>7.1f} {r['loop_lag_p99_ms']:>10.1f}"
+            f"{r['latency_p95_s']:>7.2f} {r['replies_per_s']:>9.2f} {r['tokens_per_s']:>7.1f} "
+            f"{r['loop_lag_p99_ms']:>10.1f}"
         )
     lines.append("* naive N-conversation totals = N x the measured naive single-request latency (one at a time)")
     if out["naive_single_estimated"]:
@@ -235,7 +235,7 @@ def chart(out: dict[str, Any], path: Path) -> None:
         log("matplotlib is not installed; no chart written")
         return
     fig, axes = plt.subplots(1, len(CONFIGS), figsize=(4 * len(CONFIGS), 4), sharey=False)
-    for ax, (beams, tokens) in zip(axes, CONFIGS):
+    for ax, (beams, tokens) in zip(axes, CONFIGS, strict=True):
         rows = [r for r in out["engine"] if r["beams"] == beams and r["new_tokens"] == tokens]
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["naive_all_s"] for r in rows], 0.4, label="naive fp32, one at a time")
@@ -294,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     texts: dict[str, Any] = {}
     asyncio.run(engine_scenarios(model_dir, out, texts))
     log(f"engine peak RSS while serving (all scenarios): {out['engine_serving_peak_rss_mb']:.0f} MB")
-    mismatch = {
+    mismatch: dict[str, Any] = {
         "after_rowwise_int8": {
-            f"b{b}": sum(a != c for a, c in zip(texts[f"product_b{b}_alone"], texts[f"product_b{b}_batched"]))
+            f"b{b}": sum(
+                a != c for a, c in zip(texts[f"product_b{b}_alone"], texts[f"product_b{b}_batched"], strict=True)
+            )
             for b in (10, 1)
         }
     }
@@ -314,18 +316,23 @@ def main(argv: list[str] | None = None) -> int:
     out["targets"] = targets(out)
     out["total_s"] = time.monotonic() - started
     g = out["greedy_b1_ms_per_token"]
-    lines += [
-        "",
+    int8_load, naive_load = out["load"]["int8"], out["load"]["naive_quantize_dynamic"]
+    decode_step = (
         f"greedy batch 1: {g['marginal_20_to_60']:.1f} ms per decode step (60-token minus 20-token reply / 40), "
-        f"{g['whole_reply_60']:.1f} ms/token over a whole 60-token reply; floor {out['floor_ms_per_token_int8']:.1f} ms "
-        f"(int8 decoder weights {bandwidth.decoder_bytes_per_token(config, 1) / 1e6:.0f} MB / {bw:.1f} GB/s)",
-        f"load+prepare peak RSS: engine int8 {out['load']['int8'].get('peak_rss_load_prepare_mb', 0):.0f} MB, "
-        f"naive load+quantize_dynamic {out['load']['naive_quantize_dynamic'].get('peak_rss_load_prepare_mb', 0):.0f} MB;"
-        f" steady int8 {out['load']['int8'].get('steady_rss_mb', 0):.0f} MB",
+        f"{g['whole_reply_60']:.1f} ms/token over a whole 60-token reply; "
+        f"floor {out['floor_ms_per_token_int8']:.1f} ms "
+        f"(int8 decoder weights {bandwidth.decoder_bytes_per_token(config, 1) / 1e6:.0f} MB / {bw:.1f} GB/s)"
+    )
+    load_memory = (
+        f"load+prepare peak RSS: engine int8 {int8_load.get('peak_rss_load_prepare_mb', 0):.0f} MB, "
+        f"naive load+quantize_dynamic {naive_load.get('peak_rss_load_prepare_mb', 0):.0f} MB; "
+        f"steady int8 {int8_load.get('steady_rss_mb', 0):.0f} MB"
+    )
+    batching = (
         f"int8 replies changed by batching, of 8: before (quantize_dynamic) {mismatch['before_quantize_dynamic']}, "
-        f"after (row-wise int8) {mismatch['after_rowwise_int8']}",
-        "",
-    ]
+        f"after (row-wise int8) {mismatch['after_rowwise_int8']}"
+    )
+    lines += ["", decode_step, load_memory, batching, ""]
     for tgt in out["targets"]:
         lines.append(f"[{'MET ' if tgt['met'] else 'MISS'}] {tgt['target']}: {tgt['value']:.2f} (goal {tgt['goal']})")
     lines.append(f"total bench time {out['total_s']:.0f}s")

@@ -11,7 +11,7 @@ from typing import Any
 
 from bot.types import Turn
 
-WORDS = (
+WORDS = (  # noqa: SIM905 - a word list reads and edits better as one string
     "hello there how are you today i am fine thank you what do you like to do for fun read books play "
     "games with my friends the weather is nice and sunny so we went outside do you have any pets at "
     "home yes a dog and two cats tell me something about space stars music favourite thing world "
