@@ -37,7 +37,6 @@ class Settings:
     max_new_tokens: int | None = None
     # Engine scheduling.
     max_batch: int = 8
-    batch_window_ms: int = 20
     max_queue: int = 32
     generation_timeout_seconds: float = 60.0
     # Chat behaviour.
@@ -112,7 +111,6 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "MIN_NEW_TOKENS": ("min_new_tokens", _int(0, 4096)),
     "MAX_NEW_TOKENS": ("max_new_tokens", _int(1, 4096)),
     "MAX_BATCH": ("max_batch", _int(1, 256)),
-    "BATCH_WINDOW_MS": ("batch_window_ms", _int(0, 10_000)),
     "MAX_QUEUE": ("max_queue", _int(1, 100_000)),
     "GENERATION_TIMEOUT_SECONDS": ("generation_timeout_seconds", _float(0.1)),
     "USER_COOLDOWN_SECONDS": ("user_cooldown_seconds", _float(0.0)),

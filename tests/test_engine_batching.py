@@ -27,22 +27,23 @@ PROMPTS = [
 
 
 def record_batches(engine: Engine) -> list[int]:
-    """Wrap the generation step to record the size of every batch it runs."""
+    """Wrap the decoding step to record how many requests every step runs."""
     sizes: list[int] = []
-    original = engine._generate
+    runner = engine._scheduler.runner
+    step = runner.step
 
-    def recording(batch: list[Any]) -> None:
-        sizes.append(len(batch))
-        original(batch)
+    def recording(*args: Any) -> Any:
+        sizes.append(runner.blocks)
+        return step(*args)
 
-    engine._generate = recording  # type: ignore[method-assign]
+    runner.step = recording
     return sizes
 
 
 async def replies_alone_and_batched(
     model_dir: Path, precision: str, **overrides: Any
 ) -> tuple[list[str], list[str], list[int]]:
-    config = engine_config(model_dir, precision=precision, max_batch=8, batch_window_ms=300, **overrides)
+    config = engine_config(model_dir, precision=precision, max_batch=8, **overrides)
     async with Engine(config) as engine:
         alone = [await engine.reply(p) for p in PROMPTS]
         sizes = record_batches(engine)
@@ -93,7 +94,7 @@ async def test_int8_model_swaps_every_linear(tiny_model_dir: Path) -> None:
 
 
 async def test_int8_falls_back_to_bf16_once(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
-    monkeypatch.setattr("bot.engine._can_quantize", lambda: False)
+    monkeypatch.setattr("bot.engine.device._can_quantize", lambda: False)
     async with Engine(engine_config(tiny_model_dir, precision="int8")) as engine:
         assert engine.precision == "bf16"
         assert await engine.reply([Turn("user", "hello there")])
@@ -116,7 +117,7 @@ class RecordingEngine:
 
 
 async def test_chat_service_keeps_order_within_a_conversation(tiny_model_dir: Path) -> None:
-    async with Engine(engine_config(tiny_model_dir, batch_window_ms=50)) as engine:
+    async with Engine(engine_config(tiny_model_dir)) as engine:
         recording = RecordingEngine(engine)
         chat = ChatService(recording, HistoryStore(":memory:", max_turns=50))
         here, other = Conversation(1), Conversation(2)
@@ -135,23 +136,24 @@ async def test_chat_service_keeps_order_within_a_conversation(tiny_model_dir: Pa
 
 
 async def test_full_queue_refuses_at_once_and_chat_says_busy(tiny_model_dir: Path) -> None:
-    config = engine_config(tiny_model_dir, max_batch=1, batch_window_ms=0, max_queue=2)
+    config = engine_config(tiny_model_dir, max_batch=1, max_queue=2)
     async with Engine(config) as engine:
         release = threading.Event()
         running = threading.Event()
-        original = engine._generate
+        runner = engine._scheduler.runner
+        step = runner.step
 
-        def blocked(batch: list[Any]) -> None:
+        def blocked(*args: Any) -> Any:
             running.set()
             release.wait(30)
-            original(batch)
+            return step(*args)
 
-        engine._generate = blocked  # type: ignore[method-assign]
+        runner.step = blocked
         first = asyncio.create_task(engine.reply([Turn("user", "one")]))
         assert await asyncio.to_thread(running.wait, 10)  # the thread holds request one
         waiting = [asyncio.create_task(engine.reply([Turn("user", f"wait {i}")])) for i in range(2)]
         await asyncio.sleep(0.05)
-        assert engine.stats().queue_depth == 2
+        assert engine.stats().queue_depth == 2 and engine.stats().running == 1
         with pytest.raises(EngineBusy):
             await engine.reply([Turn("user", "one too many")])
         chat = ChatService(engine, HistoryStore(":memory:", max_turns=10))

@@ -27,7 +27,6 @@ def test_every_key_parsed() -> None:
             "MIN_NEW_TOKENS": "5",
             "MAX_NEW_TOKENS": "9",
             "MAX_BATCH": "4",
-            "BATCH_WINDOW_MS": "0",
             "MAX_QUEUE": "7",
             "GENERATION_TIMEOUT_SECONDS": "2.5",
             "USER_COOLDOWN_SECONDS": "0",
@@ -40,7 +39,7 @@ def test_every_key_parsed() -> None:
     assert s.history_turns == 4 and s.history_db == Path("/tmp/h.db")
     assert s.dev_guild_id == 123456789012345678
     assert (s.num_beams, s.min_new_tokens, s.max_new_tokens) == (3, 5, 9)
-    assert (s.max_batch, s.batch_window_ms, s.max_queue) == (4, 0, 7)
+    assert (s.max_batch, s.max_queue) == (4, 7)
     assert s.generation_timeout_seconds == 2.5 and s.user_cooldown_seconds == 0.0
 
 

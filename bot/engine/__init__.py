@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
 from bot.engine.prompt import build_input_ids
 from bot.types import Turn
 
@@ -190,7 +191,7 @@ class Engine:
         try:
             scheduler = self._load()
         except BaseException as exc:  # noqa: BLE001 - reported to the awaiting coroutine
-            error = exc if isinstance(exc, EngineError) else EngineError(f"could not load {self.config.model_name}: {exc}")
+            error = exc if isinstance(exc, EngineError) else EngineError(one_line(exc) or type(exc).__name__)
             _settle_from_thread(loop, loaded, None, error)
             return
         self._scheduler = scheduler
@@ -200,7 +201,6 @@ class Engine:
 
     def _load(self) -> Any:
         import torch
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         from bot.engine.decoding import DecodingPlan
         from bot.engine.device import limit_heap_fragmentation, prepare_model, resolve_device, resolve_precision
@@ -212,10 +212,12 @@ class Engine:
         self.device = resolve_device(self.config.device)
         precision = resolve_precision(self.config.precision, self.device)
         log.info("loading %s on %s (%s)", self.config.model_name, self.device, precision)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.config.model_name)
-        model = AutoModelForSeq2SeqLM.from_pretrained(self.config.model_name, dtype=torch.float32)
+        try:
+            self._tokenizer, model = load_tokenizer_and_model(self.config.model_name)
+        except ModelLoadError as exc:
+            raise EngineError(str(exc)) from None
         if not getattr(model.config, "is_encoder_decoder", False):
-            raise EngineError(f"{self.config.model_name} is not an encoder-decoder chat model like BlenderBot")
+            raise EngineError("it is not an encoder-decoder chat model like BlenderBot")
         model, self.precision = prepare_model(model, self.device, precision)
         self.max_input_tokens = int(model.config.max_position_embeddings)
         self._model = model
@@ -232,7 +234,7 @@ class Engine:
                 cache_dtype=cache_dtype,
             )
         except UnsupportedModel as exc:
-            raise EngineError(f"{self.config.model_name} {exc}") from None
+            raise EngineError(f"it {exc}") from None
         decode = self._tokenizer.decode
         scheduler = Scheduler(
             runner, plan, gen, lambda ids: decode(ids, skip_special_tokens=True), max_queue=self.config.max_queue

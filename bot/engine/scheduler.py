@@ -137,6 +137,7 @@ class Scheduler:
                 continue
             processors = logits_processors(self.generation_config, self.plan, item.input_ids)
             self._running.append(_Running(item, new_search(self.plan, processors), now))
+            self.counters.running = len(self._running)
             self.counters.queue_waits.append(now - item.submitted)
         return True
 
