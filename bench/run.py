@@ -25,7 +25,6 @@ CONFIGS = [(10, 20), (1, 20), (10, 60), (1, 60)]  # (beams, new tokens)
 CONCURRENCY = (1, 4, 8, 16)
 # Engine scheduling used by the bench (and proposed as the product defaults).
 MAX_BATCH = 8
-BATCH_WINDOW_MS = 20
 BUDGET_S = 500  # leave room under the 10-minute limit
 
 
@@ -47,7 +46,6 @@ async def engine_scenarios(model_dir: Path, out: dict[str, Any], texts: dict[str
             min_new_tokens=tokens,
             max_new_tokens=tokens,
             max_batch=MAX_BATCH,
-            batch_window_ms=BATCH_WINDOW_MS,
             max_queue=64,
         )
         async with Engine(cfg) as engine:
@@ -267,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "max_batch": MAX_BATCH,
-        "batch_window_ms": BATCH_WINDOW_MS,
     }
     t = time.monotonic()
     model_dir = build_model()
