@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import discord
+from discord import app_commands
 from discord.ext import commands
 
 from bot.chat import ChatService
@@ -13,13 +14,18 @@ from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.chat", "cogs.admin")
+# The cogs loaded at start, in this order. A cog is a module in cogs/ with an `async def setup(bot)` that
+# adds it; it is loaded only once it is listed here. A new slash command goes into the cog for its
+# audience (cogs/everyone.py for anyone, cogs/admin.py for moderators) or a new cog listed here.
+EXTENSIONS = ("cogs.chat", "cogs.admin", "cogs.everyone")
 
 
 class ChatBot(commands.Bot):
     """A bot that answers mentions and DMs through a `ChatService` handed in by `main()`."""
 
     def __init__(self, *, settings: Settings, chat: ChatService) -> None:
+        # The bot never joins voice, so discord.py's warnings about missing voice libraries are noise.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal too
         super().__init__(
@@ -32,7 +38,8 @@ class ChatBot(commands.Bot):
         self.settings = settings
         self.chat = chat
         self.accepting = True
-        self._handlers: set[asyncio.Task[object]] = set()
+        self._message_tasks: set[asyncio.Task[object]] = set()
+        self.tree.error(answer_command_error)
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
@@ -72,16 +79,41 @@ class ChatBot(commands.Bot):
 
     def track(self, task: asyncio.Task[object]) -> None:
         """Remember a message handler so shutdown can wait for it."""
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        self._message_tasks.add(task)
+        task.add_done_callback(self._message_tasks.discard)
 
     def stop_accepting(self) -> None:
         self.accepting = False
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for message handlers in progress; True if none is left."""
-        pending = {t for t in self._handlers if t is not asyncio.current_task()}
+        pending = {t for t in self._message_tasks if t is not asyncio.current_task()}
         if not pending:
             return True
         _, still = await asyncio.wait(pending, timeout=timeout)
         return not still
+
+
+async def answer_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+    """Every slash command's failure, whatever its cog: a short private answer, and the log for the rest."""
+    name = interaction.command and interaction.command.name
+    if isinstance(error, app_commands.MissingPermissions):
+        text = "You need the **Manage Messages** permission to do that."
+    elif isinstance(error, app_commands.CheckFailure):
+        text = "You can't use this command here."
+    else:
+        original = getattr(error, "original", None)
+        if isinstance(original, discord.NotFound) and original.code == 10062:
+            # Discord forgets an interaction not answered within 3 seconds (for example one replayed
+            # after a gateway RESUME); there is no one left to answer.
+            log.warning("/%s expired before it could be answered", name)
+            return
+        log.error("slash command %s failed", name, exc_info=error)
+        text = "Sorry, that didn't work. The error has been logged."
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as exc:  # raised here, it would only end as an unretrieved task exception
+        log.warning("could not tell the user that /%s failed: %s", name, exc)

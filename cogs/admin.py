@@ -1,4 +1,4 @@
-"""Slash commands: reset history (admins), stats and forget-me (everyone)."""
+"""Slash commands for moderators: /reset forgets a channel's (or a whole server's) conversations."""
 
 from __future__ import annotations
 
@@ -27,17 +27,6 @@ def manage_messages_or_dm(interaction: discord.Interaction) -> bool:
     if interaction.permissions.manage_messages:
         return True
     raise app_commands.MissingPermissions(["manage_messages"])
-
-
-def _seconds(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}s"
-
-
-def _uptime(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
 class Admin(commands.Cog):
@@ -72,55 +61,6 @@ class Admin(commands.Cog):
         await interaction.response.send_message(
             f"Done: I've forgotten this conversation ({removed} messages).", ephemeral=True
         )
-
-    @app_commands.command(name="stats", description="How the bot is doing: model, queue, speed, uptime.")
-    @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=False)
-    async def stats(self, interaction: discord.Interaction) -> None:
-        s = self.bot.chat.engine.stats()
-        tps = "n/a" if s.tokens_per_second is None else f"{s.tokens_per_second:.1f}"
-        lines = [
-            f"**Model:** `{s.model}` on {s.device} ({s.precision})",
-            f"**Queue:** {s.queue_depth} waiting",
-            f"**Replies served:** {s.replies}",
-            f"**Latency:** p50 {_seconds(s.latency_p50_s)}, p95 {_seconds(s.latency_p95_s)}",
-            f"**Speed:** {tps} tokens/s",
-            f"**Uptime:** {_uptime(s.uptime_s)}",
-        ]
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
-
-    @app_commands.command(name="forget-me", description="Delete everything you have said to me, in every channel.")
-    @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=False)
-    async def forget_me(self, interaction: discord.Interaction) -> None:
-        removed = self.bot.chat.forget_user(interaction.user.id)
-        log.info("forgot user %s (%d turns)", interaction.user.id, removed)
-        await interaction.response.send_message(
-            f"Done: I've deleted {removed} stored messages of our conversations, everywhere.", ephemeral=True
-        )
-
-    async def cog_app_command_error(
-        self, interaction: discord.Interaction, error: app_commands.AppCommandError
-    ) -> None:
-        name = interaction.command and interaction.command.name
-        if isinstance(error, app_commands.MissingPermissions):
-            text = "You need the **Manage Messages** permission to do that."
-        elif isinstance(error, app_commands.CheckFailure):
-            text = "You can't use this command here."
-        else:
-            original = getattr(error, "original", None)
-            if isinstance(original, discord.NotFound) and original.code == 10062:
-                # Discord forgets an interaction not answered within 3 seconds (for example one replayed
-                # after a gateway RESUME); there is no one left to answer.
-                log.warning("/%s expired before it could be answered", name)
-                return
-            log.error("slash command %s failed", name, exc_info=error)
-            text = "Sorry, that didn't work. The error has been logged."
-        try:
-            if interaction.response.is_done():
-                await interaction.followup.send(text, ephemeral=True)
-            else:
-                await interaction.response.send_message(text, ephemeral=True)
-        except discord.HTTPException as exc:  # raised here, it would only end as an unretrieved task exception
-            log.warning("could not tell the user that /%s failed: %s", name, exc)
 
 
 async def setup(bot: ChatBot) -> None:

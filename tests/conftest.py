@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Blenderbot built once per test session, and engines loaded from it."""
+"""Shared fixtures: a tiny Blenderbot built once per test session, a real engine on it (`tiny_engine`), and,
+from tests/scripted_engine.py, a scripted stand-in (`scripted_engine`) with a chat service over it (`chat`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 
 from bot.engine import Engine, EngineConfig
 from tests.tiny_model import build_tiny_model
+
+# Fixture modules shared by every test (imported here rather than into each test module).
+pytest_plugins = ["tests.scripted_engine"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -29,6 +33,7 @@ def engine_config(model_dir: Path, **overrides: object) -> EngineConfig:
 
 
 @pytest.fixture
-async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+async def tiny_engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    """A real, running engine on the tiny model."""
     async with Engine(engine_config(tiny_model_dir)) as running:
         yield running

@@ -1,4 +1,6 @@
-"""A scripted stand-in for the engine, and the chat service over it, for tests without a model."""
+"""A scripted stand-in for the engine, and the chat service over it, for tests without a model.
+
+A pytest plugin (see `pytest_plugins` in tests/conftest.py): its fixtures reach every test without an import."""
 
 import asyncio
 from collections.abc import Sequence
@@ -33,10 +35,11 @@ class ScriptedEngine:
 
 
 @pytest.fixture
-def engine() -> ScriptedEngine:
+def scripted_engine() -> ScriptedEngine:
     return ScriptedEngine()
 
 
 @pytest.fixture
-def chat(engine: ScriptedEngine, tmp_path: Path) -> ChatService:
-    return ChatService(engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))
+def chat(scripted_engine: ScriptedEngine, tmp_path: Path) -> ChatService:
+    """The chat service over `scripted_engine` and a history file of its own."""
+    return ChatService(scripted_engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))

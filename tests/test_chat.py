@@ -7,35 +7,35 @@ import pytest
 from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
 from bot.types import Conversation, Turn
-from tests.scripted_engine import ScriptedEngine, chat, engine  # noqa: F401 - fixtures
+from tests.scripted_engine import ScriptedEngine
 
 A = Conversation(1, 100)
 B = Conversation(2, 100)
 
 
-async def test_stores_both_turns_and_sends_history(chat: ChatService, engine: ScriptedEngine) -> None:
+async def test_stores_both_turns_and_sends_history(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
     first = await chat.respond(A, 7, "hi")
     assert first.ok and first.text == "re: hi"
     await chat.respond(A, 7, "again")
-    assert engine.seen[-1] == [Turn("user", "hi"), Turn("bot", "re: hi"), Turn("user", "again")]
+    assert scripted_engine.seen[-1] == [Turn("user", "hi"), Turn("bot", "re: hi"), Turn("user", "again")]
 
 
-async def test_conversations_never_mix(chat: ChatService, engine: ScriptedEngine) -> None:
+async def test_conversations_never_mix(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
     await chat.respond(A, 7, "secret in A")
     await chat.respond(B, 8, "hello B")
-    assert engine.seen[-1] == [Turn("user", "hello B")]
+    assert scripted_engine.seen[-1] == [Turn("user", "hello B")]
 
 
-async def test_same_conversation_strictly_in_order(chat: ChatService, engine: ScriptedEngine) -> None:
-    engine.gate = asyncio.Event()
+async def test_same_conversation_strictly_in_order(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
+    scripted_engine.gate = asyncio.Event()
     first = asyncio.create_task(chat.respond(A, 7, "one"))
     second = asyncio.create_task(chat.respond(A, 7, "two"))
     other = asyncio.create_task(chat.respond(B, 7, "other"))
     await asyncio.sleep(0.01)
-    assert [h[-1].text for h in engine.seen] == ["one", "other"]  # "two" waits for "one"
-    engine.gate.set()
+    assert [h[-1].text for h in scripted_engine.seen] == ["one", "other"]  # "two" waits for "one"
+    scripted_engine.gate.set()
     await asyncio.gather(first, second, other)
-    assert engine.seen[-1] == [Turn("user", "one"), Turn("bot", "re: one"), Turn("user", "two")]
+    assert scripted_engine.seen[-1] == [Turn("user", "one"), Turn("bot", "re: one"), Turn("user", "two")]
     assert chat._locks == {}
 
 
@@ -49,17 +49,17 @@ async def test_same_conversation_strictly_in_order(chat: ChatService, engine: Sc
     ],
 )
 async def test_failures_become_notices_and_store_nothing(
-    chat: ChatService, engine: ScriptedEngine, error: Exception, text: str
+    chat: ChatService, scripted_engine: ScriptedEngine, error: Exception, text: str
 ) -> None:
-    engine.fail = error
+    scripted_engine.fail = error
     reply = await chat.respond(A, 7, "hi")
     assert reply.text == text and not reply.ok
     assert "Traceback" not in reply.text and "CUDA" not in reply.text
     assert chat.history.get(A) == []
 
 
-async def test_blank_model_output_gets_a_notice(chat: ChatService, engine: ScriptedEngine) -> None:
-    engine.answer = "   "
+async def test_blank_model_output_gets_a_notice(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
+    scripted_engine.answer = "   "
     reply = await chat.respond(A, 7, "hi")
     assert reply.text == EMPTY_REPLY_TEXT and not reply.ok
     assert chat.history.get(A) == []
@@ -74,8 +74,10 @@ async def test_reset_forget_and_in_flight(chat: ChatService) -> None:
 
 
 @pytest.mark.parametrize("clear", ["reset", "reset_guild", "forget_user"])
-async def test_clearing_during_a_reply_is_not_undone(chat: ChatService, engine: ScriptedEngine, clear: str) -> None:
-    engine.gate = asyncio.Event()
+async def test_clearing_during_a_reply_is_not_undone(
+    chat: ChatService, scripted_engine: ScriptedEngine, clear: str
+) -> None:
+    scripted_engine.gate = asyncio.Event()
     replying = asyncio.create_task(chat.respond(A, 7, "secret"))
     await asyncio.sleep(0.01)
     {
@@ -83,7 +85,7 @@ async def test_clearing_during_a_reply_is_not_undone(chat: ChatService, engine: 
         "reset_guild": lambda: chat.reset_guild(100),
         "forget_user": lambda: chat.forget_user(7),
     }[clear]()
-    engine.gate.set()
+    scripted_engine.gate.set()
     reply = await replying
     assert reply.text == "re: secret"  # the user still gets the answer...
     assert chat.history.get(A) == []  # ...but the cleared history stays cleared

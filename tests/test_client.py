@@ -35,3 +35,14 @@ async def test_failed_sync_is_one_log_line_not_a_crash(
     await bot.sync_commands()
     assert "could not register slash commands DEV_GUILD_ID=123456789012345678" in caplog.text
     assert "applications.commands" in caplog.text
+
+
+def test_no_warnings_about_voice_libraries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """discord.py warns once per process that PyNaCl and davey are missing; this bot never joins voice."""
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
+    chat = ChatService(ScriptedEngine(), HistoryStore(tmp_path / "h.sqlite3", max_turns=4))
+    ChatBot(settings=Settings(discord_token="x"), chat=chat)
+    assert "voice" not in caplog.text

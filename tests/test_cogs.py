@@ -1,4 +1,4 @@
-"""Both cogs, built without a live bot or a Discord connection."""
+"""The cogs, built without a live bot or a Discord connection."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 from discord import app_commands
 
 from bot.chat import CLOSING_TEXT, ChatService
+from bot.client import answer_command_error
+from bot.engine import Engine
 from bot.types import Conversation, Turn
 from cogs.admin import Admin, manage_messages_or_dm
 from cogs.chat import (
@@ -22,8 +24,9 @@ from cogs.chat import (
     clean_text,
     split_message,
 )
+from cogs.everyone import Everyone
 from config.settings import Settings
-from tests.scripted_engine import ScriptedEngine, chat, engine  # noqa: F401 - fixtures
+from tests.scripted_engine import ScriptedEngine
 
 BOT_ID = 999
 ROLE_ID = 555
@@ -152,7 +155,7 @@ def test_split_message_respects_limit_and_loses_nothing() -> None:
 # ----- when to answer --------------------------------------------------------------------------
 
 
-async def test_mention_gets_a_quiet_reply_after_typing(bot: FakeBot, engine: ScriptedEngine) -> None:
+async def test_mention_gets_a_quiet_reply_after_typing(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
     message = mention(bot, "hello")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert message.channel.events == ["typing", "typing-end", "send"]
@@ -162,7 +165,7 @@ async def test_mention_gets_a_quiet_reply_after_typing(bot: FakeBot, engine: Scr
     assert sent["mention_author"] is False
     allowed = sent["allowed_mentions"].to_dict()
     assert allowed == {"parse": []}  # Discord reads a missing replied_user as false
-    assert engine.seen == [[Turn("user", "hello")]]
+    assert scripted_engine.seen == [[Turn("user", "hello")]]
 
 
 async def test_role_mention_of_the_bot_counts(bot: FakeBot) -> None:
@@ -189,30 +192,30 @@ async def test_dm_needs_no_mention(bot: FakeBot, chat: ChatService) -> None:
         FakeMessage(f"<@{BOT_ID}> pinned", type=discord.MessageType.pins_add),
     ],
 )
-async def test_silence(bot: FakeBot, engine: ScriptedEngine, message: FakeMessage) -> None:
+async def test_silence(bot: FakeBot, scripted_engine: ScriptedEngine, message: FakeMessage) -> None:
     if "from" in message.content or "pinned" in message.content:
         message.mentions = [bot.user]
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
-    assert message.channel.sent == [] and engine.seen == []
+    assert message.channel.sent == [] and scripted_engine.seen == []
 
 
-async def test_own_messages_ignored(bot: FakeBot, engine: ScriptedEngine) -> None:
+async def test_own_messages_ignored(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
     message = FakeMessage("talking to myself", guild=None, author=bot.user)  # type: ignore[arg-type]
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
-    assert message.channel.sent == [] and engine.seen == []
+    assert message.channel.sent == [] and scripted_engine.seen == []
 
 
-async def test_empty_mention_gets_a_prompt_not_a_model_call(bot: FakeBot, engine: ScriptedEngine) -> None:
+async def test_empty_mention_gets_a_prompt_not_a_model_call(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
     message = mention(bot, "   ")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
-    assert message.channel.sent[0]["content"] == EMPTY_MENTION_TEXT and engine.seen == []
+    assert message.channel.sent[0]["content"] == EMPTY_MENTION_TEXT and scripted_engine.seen == []
     attachment = mention(bot, "", attachments=["cat.png"])
     await Chat(bot).on_message(attachment)  # type: ignore[arg-type]
-    assert attachment.channel.sent[0]["content"] == ATTACHMENT_ONLY_TEXT and engine.seen == []
+    assert attachment.channel.sent[0]["content"] == ATTACHMENT_ONLY_TEXT and scripted_engine.seen == []
 
 
-async def test_long_reply_is_split(bot: FakeBot, engine: ScriptedEngine) -> None:
-    engine.answer = "lorem ipsum " * 400
+async def test_long_reply_is_split(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
+    scripted_engine.answer = "lorem ipsum " * 400
     message = mention(bot, "tell me a story")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     pieces = message.channel.sent
@@ -220,8 +223,8 @@ async def test_long_reply_is_split(bot: FakeBot, engine: ScriptedEngine) -> None
     assert pieces[0]["reference"] is not None and pieces[1]["reference"] is None
 
 
-async def test_engine_failure_is_an_apology_not_a_traceback(bot: FakeBot, engine: ScriptedEngine) -> None:
-    engine.fail = RuntimeError("boom")
+async def test_engine_failure_is_an_apology_not_a_traceback(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
+    scripted_engine.fail = RuntimeError("boom")
     message = mention(bot, "hi")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert "Sorry" in message.channel.sent[0]["content"] and "boom" not in message.channel.sent[0]["content"]
@@ -238,7 +241,7 @@ async def test_send_failure_is_logged_not_raised(bot: FakeBot, caplog: pytest.Lo
     assert "could not post" in caplog.text
 
 
-async def test_cooldown_gives_one_notice(chat: ChatService, engine: ScriptedEngine) -> None:
+async def test_cooldown_gives_one_notice(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
     bot = FakeBot(chat, cooldown=60)
     cog = Chat(bot)  # type: ignore[arg-type]
     channel = FakeChannel()
@@ -247,14 +250,14 @@ async def test_cooldown_gives_one_notice(chat: ChatService, engine: ScriptedEngi
     contents = [s["content"] for s in channel.sent]
     assert contents[0] == "re: first"
     assert contents[1] == COOLDOWN_TEXT.format(seconds=60) and len(contents) == 2
-    assert [h[-1].text for h in engine.seen] == ["first"]
+    assert [h[-1].text for h in scripted_engine.seen] == ["first"]
 
 
-async def test_shutting_down_says_so(bot: FakeBot, engine: ScriptedEngine) -> None:
+async def test_shutting_down_says_so(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
     bot.accepting = False
     message = mention(bot, "hi")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
-    assert message.channel.sent[0]["content"] == CLOSING_TEXT and engine.seen == []
+    assert message.channel.sent[0]["content"] == CLOSING_TEXT and scripted_engine.seen == []
 
 
 # ----- admin commands --------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def test_reset_permission_is_a_hint_and_a_check() -> None:
     assert manage_messages_or_dm(FakeInteraction(guild_id=None))  # type: ignore[arg-type]
     with pytest.raises(app_commands.MissingPermissions):
         manage_messages_or_dm(FakeInteraction())  # type: ignore[arg-type]
-    assert Admin.stats.default_permissions is None and Admin.forget_me.default_permissions is None
+    assert Everyone.stats.default_permissions is None and Everyone.forget_me.default_permissions is None
 
 
 async def _seed(chat: ChatService) -> None:
@@ -319,28 +322,24 @@ async def test_server_reset_in_a_dm_is_explained(bot: FakeBot) -> None:
 
 async def test_refusal_is_ephemeral(bot: FakeBot) -> None:
     interaction = FakeInteraction()
-    await Admin(bot).cog_app_command_error(interaction, app_commands.MissingPermissions(["manage_messages"]))  # type: ignore[arg-type]
+    await answer_command_error(interaction, app_commands.MissingPermissions(["manage_messages"]))  # type: ignore[arg-type]
     assert interaction.response.sent == [("You need the **Manage Messages** permission to do that.", True)]
 
 
-async def test_stats_and_forget_me(chat: ChatService, tiny_model_dir: Path) -> None:
-    from bot.engine import Engine
-    from tests.conftest import engine_config
-
-    async with Engine(engine_config(tiny_model_dir)) as engine:
-        real = ChatService(engine, chat.history)
-        await real.respond(Conversation(1, 100), 7, "hello")
-        bot = FakeBot(real)
-        interaction = FakeInteraction()
-        await Admin.stats.callback(Admin(bot), interaction)  # type: ignore[arg-type]
-        text, ephemeral = interaction.response.sent[0]
-        assert ephemeral and str(tiny_model_dir) in text and "Replies served:** 1" in text and "p95" in text
-        interaction = FakeInteraction()
-        await Admin.forget_me.callback(Admin(bot), interaction)  # type: ignore[arg-type]
-        assert "deleted 2 stored messages" in interaction.response.sent[0][0]
+async def test_stats_and_forget_me(chat: ChatService, tiny_engine: Engine, tiny_model_dir: Path) -> None:
+    real = ChatService(tiny_engine, chat.history)
+    await real.respond(Conversation(1, 100), 7, "hello")
+    bot = FakeBot(real)
+    interaction = FakeInteraction()
+    await Everyone.stats.callback(Everyone(bot), interaction)  # type: ignore[arg-type]
+    text, ephemeral = interaction.response.sent[0]
+    assert ephemeral and str(tiny_model_dir) in text and "Replies served:** 1" in text and "p95" in text
+    interaction = FakeInteraction()
+    await Everyone.forget_me.callback(Everyone(bot), interaction)  # type: ignore[arg-type]
+    assert "deleted 2 stored messages" in interaction.response.sent[0][0]
 
 
-async def test_replies_posted_in_order_even_if_typing_is_slow(bot: FakeBot, engine: ScriptedEngine) -> None:
+async def test_replies_posted_in_order_even_if_typing_is_slow(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
     channel = FakeChannel()
     slow_typing = asyncio.Event()
 
