@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import TypeVar
 
 import aiohttp
@@ -20,6 +22,7 @@ import discord
 from bot.chat import ChatService
 from bot.client import ChatBot
 from bot.engine import Engine, EngineConfig, EngineError
+from bot.engine.loading import ModelLoadError, check_model_name
 from bot.history import HistoryStore
 from bot.types import Conversation
 from config.settings import Settings, SettingsError, load_settings
@@ -38,7 +41,18 @@ DISCORD_TOKEN is not set, so the bot cannot log in to Discord.
   3. Put it in a file named .env next to this README:  DISCORD_TOKEN=your-token
      (see .env.example and README.md for every setting and the invite link)
 
-To try the model without Discord:  python -m bot --console   (or: make console)"""
+To try the model without Discord:  make console   (or: .venv/bin/python -m bot --console)"""
+
+CONSOLE_BANNER = (
+    "Chatting with {model} in this terminal. Nothing said here is kept after you leave, and Discord's "
+    "history is not touched. /help lists the commands; /quit or Ctrl-D leaves."
+)
+CONSOLE_HELP = "Commands: /help (this list), /reset (forget this conversation), /quit or Ctrl-D (leave)."
+CONSOLE_UNKNOWN = "There is no {command} command here. /help lists the commands."
+_CONSOLE_COMMAND = re.compile(r"/[A-Za-z][\w-]*")
+
+# Libraries whose warnings are not the user's business (see setup_logging).
+LIBRARY_LOGGERS = ("huggingface_hub", "transformers")
 
 
 class ExitCode(Exception):
@@ -55,10 +69,8 @@ def stop_event_on_signals() -> asyncio.Event:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        with suppress(NotImplementedError, RuntimeError):  # Windows: Ctrl-C still raises KeyboardInterrupt
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C still raises KeyboardInterrupt
-            pass
     return stop
 
 
@@ -87,40 +99,82 @@ async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) 
     log.info("engine started in %.1fs", time.monotonic() - started)
 
 
+def open_history(settings: Settings) -> HistoryStore:
+    """The Discord history store at HISTORY_DB; a path that cannot hold it is one line naming the key."""
+    path = settings.history_db
+    if path.is_dir():
+        raise ExitCode(
+            f"Configuration error: HISTORY_DB {path} is a folder; name a file, such as {path / 'history.sqlite3'}",
+            code=2,
+        )
+    try:
+        return HistoryStore(path, settings.history_turns)
+    except OSError as exc:
+        reason = f"{exc.strerror} ({exc.filename})" if exc.strerror else str(exc)
+        raise ExitCode(f"Configuration error: HISTORY_DB {path} cannot be created: {reason}", code=2) from None
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise ExitCode(
+                f"Configuration error: HISTORY_DB {path} is not an SQLite database; name a new file or the bot's own",
+                code=2,
+            ) from None
+        raise ExitCode(f"Configuration error: HISTORY_DB {path} cannot be used: {exc}", code=2) from None
+    except (sqlite3.Error, RuntimeError) as exc:  # RuntimeError: written by a newer version of the bot
+        raise ExitCode(f"Configuration error: HISTORY_DB {path} cannot be used: {exc}", code=2) from None
+
+
 @asynccontextmanager
-async def services(settings: Settings, stop: asyncio.Event) -> AsyncIterator[tuple[Engine, ChatService]]:
-    """The running engine and the chat service over the history store; both closed on exit."""
-    history = HistoryStore(settings.history_db, settings.history_turns)
+async def services(settings: Settings, history: HistoryStore) -> AsyncIterator[tuple[Engine, ChatService]]:
+    """The engine (not started yet) and the chat service over `history`; both closed on exit."""
     engine = Engine(EngineConfig.from_settings(settings))
     try:
-        await start_engine(engine, settings, stop)
         yield engine, ChatService(engine, history)
     finally:
         await engine.close()
         history.close()
 
 
+async def log_in(bot: ChatBot, token: str, stop: asyncio.Event) -> None:
+    """Check the token with Discord, load the cogs and sync the slash commands (discord.py's `login()`).
+
+    This comes before the model loads, so a wrong token is reported before a long first download.
+    """
+    logging_in = await until_stopped(bot.login(token), stop)
+    if logging_in is None:
+        raise ExitCode("Stopped while logging in to Discord.", code=0)
+    logging_in.result()
+
+
+async def serve(bot: ChatBot, engine: Engine, settings: Settings, stop: asyncio.Event) -> None:
+    """Connect to the gateway and answer until the connection ends or Ctrl-C / SIGTERM; then stop gracefully."""
+    runner = asyncio.create_task(bot.connect())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if runner.done():
+        stopper.cancel()
+        runner.result()  # raises what ended the connection
+        return
+    log.info("stopping: finishing replies in progress (up to %.0fs)", settings.shutdown_grace_seconds)
+    bot.stop_accepting()
+    if not await bot.wait_idle(settings.shutdown_grace_seconds):
+        log.warning("abandoning replies still in progress; their users are told")
+        await engine.close()
+        await bot.wait_idle(5)
+    await bot.close()
+    await runner
+
+
 async def run_discord(settings: Settings) -> None:
+    """Log in (token check, cogs, command sync), then load the model, then connect and answer."""
     if not settings.discord_token:
         raise ExitCode(NO_TOKEN_HELP, code=2)
     stop = stop_event_on_signals()
+    history = open_history(settings)
     try:
-        async with services(settings, stop) as (engine, chat), ChatBot(settings=settings, chat=chat) as bot:
-            runner = asyncio.create_task(bot.start(settings.discord_token))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if runner.done():
-                stopper.cancel()
-                runner.result()  # raises what ended the connection
-                return
-            log.info("stopping: finishing replies in progress (up to %.0fs)", settings.shutdown_grace_seconds)
-            bot.stop_accepting()
-            if not await bot.wait_idle(settings.shutdown_grace_seconds):
-                log.warning("abandoning replies still in progress; their users are told")
-                await engine.close()
-                await bot.wait_idle(5)
-            await bot.close()
-            await runner
+        async with services(settings, history) as (engine, chat), ChatBot(settings=settings, chat=chat) as bot:
+            await log_in(bot, settings.discord_token, stop)
+            await start_engine(engine, settings, stop)
+            await serve(bot, engine, settings, stop)
     except discord.LoginFailure:
         raise ExitCode(
             "Discord rejected the token in DISCORD_TOKEN. Copy a fresh one from the Bot tab of your "
@@ -138,28 +192,45 @@ async def run_discord(settings: Settings) -> None:
 
 
 async def run_console(settings: Settings) -> None:
+    """Chat in the terminal. Its history lives in memory only: HISTORY_DB belongs to the Discord bot."""
     stop = stop_event_on_signals()
-    async with services(settings, stop) as (_, chat):
+    async with services(settings, HistoryStore(":memory:", settings.history_turns)) as (engine, chat):
+        await start_engine(engine, settings, stop)
+        print(CONSOLE_BANNER.format(model=settings.model_name))
         lines = stdin_lines()
-        print(f"Chatting with {settings.model_name}. /reset forgets the conversation; /quit or Ctrl-D leaves.")
         while not stop.is_set():
             print("you> ", end="", flush=True)
             read = await until_stopped(lines.get(), stop)
             line = read.result() if read is not None else None
-            if line is None or line.strip() in ("/quit", "/exit"):
+            text = (line or "").strip()
+            command = console_command(text)
+            if line is None or command in ("/quit", "/exit"):
                 print()
                 break
-            text = line.strip()
             if not text:
                 continue
-            if text == "/reset":
-                chat.reset(CONSOLE_CONVERSATION)
-                print("bot> (history cleared)")
-                continue
-            started = time.monotonic()
-            reply = await chat.respond(CONSOLE_CONVERSATION, None, text)
-            log.debug("console reply in %.2fs", time.monotonic() - started)
-            print(f"bot> {reply.text}")
+            print(f"bot> {await console_answer(chat, text, command)}")
+
+
+def console_command(text: str) -> str | None:
+    """`/word` at the start of a line is a console command (lowercased); anything else is for the model."""
+    first = text.split(maxsplit=1)[0] if text else ""
+    return first.lower() if _CONSOLE_COMMAND.fullmatch(first) else None
+
+
+async def console_answer(chat: ChatService, text: str, command: str | None) -> str:
+    """What the console prints after `bot> `: a command's result, or the model's reply."""
+    if command == "/help":
+        return CONSOLE_HELP
+    if command == "/reset":
+        chat.reset(CONSOLE_CONVERSATION)
+        return "(history cleared)"
+    if command is not None:
+        return CONSOLE_UNKNOWN.format(command=command)
+    started = time.monotonic()
+    reply = await chat.respond(CONSOLE_CONVERSATION, None, text)
+    log.debug("console reply in %.2fs", time.monotonic() - started)
+    return reply.text
 
 
 def stdin_lines() -> asyncio.Queue[str | None]:
@@ -176,16 +247,41 @@ def stdin_lines() -> asyncio.Queue[str | None]:
     return lines
 
 
+def setup_logging(level: int) -> None:
+    """One handler on the root logger, coloured only on a terminal; libraries speak only of errors.
+
+    discord.py colours whenever it runs in Docker, even into a file, so the choice is made here.
+    huggingface_hub logs through a handler of its own and the root logger as well (every line twice),
+    and warns of each retry; transformers warns about things a user cannot act on. The bot's own
+    message says what failed to load, so these stay quiet unless LOG_LEVEL=DEBUG.
+    """
+    colour = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+    plain = logging.Formatter("[{asctime}] [{levelname:<8}] {name}: {message}", "%Y-%m-%d %H:%M:%S", style="{")
+    if colour:
+        discord.utils.setup_logging(level=level, root=True)
+    else:
+        discord.utils.setup_logging(level=level, root=True, formatter=plain)
+    library_level = "warning" if level <= logging.DEBUG else "error"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", library_level)  # read when transformers is first imported
+    os.environ.setdefault("HF_HUB_VERBOSITY", library_level)
+    from huggingface_hub.utils import logging as hub_logging  # importing it adds its own handler
+
+    hub_logging.get_logger().handlers.clear()  # its records reach the root handler anyway
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(library_level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot", description="A Discord chat bot with a local model.")
     parser.add_argument("--console", action="store_true", help="chat in this terminal instead of Discord")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-    except SettingsError as exc:
+        check_model_name(settings.model_name)
+    except (SettingsError, ModelLoadError) as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2
-    discord.utils.setup_logging(level=getattr(logging, settings.log_level), root=True)
+    setup_logging(getattr(logging, settings.log_level))
     try:
         asyncio.run(run_console(settings) if args.console else run_discord(settings))
     except ExitCode as exc:

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from bot.__main__ import (
+    CONSOLE_HELP,
+    CONSOLE_UNKNOWN,
+    LIBRARY_LOGGERS,
+    console_answer,
+    console_command,
+    setup_logging,
+)
+from bot.chat import ChatService
+from bot.engine import Engine
+from bot.history import HistoryStore
+from bot.types import Conversation, Turn
+from tests.scripted_engine import ScriptedEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,8 +52,27 @@ def run_bot(
 def test_no_token_explains_what_to_do(tmp_path: Path) -> None:
     result = run_bot(tmp_path)
     assert result.returncode == 2
-    assert "DISCORD_TOKEN is not set" in result.stderr and "--console" in result.stderr
+    assert "DISCORD_TOKEN is not set" in result.stderr
+    # What works from a fresh shell, where a bare `python` has none of the packages in .venv.
+    assert "make console" in result.stderr and ".venv/bin/python -m bot --console" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("history_db", "says"),
+    [
+        ("/proc/nope/h.sqlite3", "cannot be created"),  # a folder that cannot be made
+        (".", "is a folder"),
+        ("not-a-database.txt", "is not an SQLite database"),
+    ],
+)
+def test_bad_history_db_is_one_line_naming_the_key(tmp_path: Path, history_db: str, says: str) -> None:
+    (tmp_path / "not-a-database.txt").write_text("hello, I am not a database\n" * 200)
+    # Discord mode: the token is never tried, since the history is opened before logging in.
+    result = run_bot(tmp_path, env={"HISTORY_DB": history_db, "DISCORD_TOKEN": "x"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0], result.stderr
+    assert result.stderr.startswith(f"Configuration error: HISTORY_DB {history_db} ") and says in result.stderr
 
 
 def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
@@ -43,18 +81,46 @@ def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == "Configuration error: HISTORY_TURNS must be a whole number, got 'lots'"
 
 
-def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
-    result = run_bot(tmp_path, "--console", env={"MODEL_NAME": str(tmp_path / "no-such-model")})
-    assert result.returncode == 1
-    assert "Could not load the model" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("model_name", ["/nonexistent/dir", "./tiny", "models/../tiny"])
+def test_missing_local_model_says_the_path_does_not_exist(tmp_path: Path, model_name: str) -> None:
+    result = run_bot(tmp_path, "--console", env={"MODEL_NAME": model_name})
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"Configuration error: MODEL_NAME {model_name} does not exist (no folder at "
+        + str(Path(os.path.abspath(tmp_path / model_name)))
+        + ")"
+    )
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_console_answers_with_a_local_model(tmp_path: Path, tiny_model_dir: Path, precision: str) -> None:
+def test_unreachable_hub_is_one_quick_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a loopback port with nobody listening: the hub "cannot be reached"
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    started = time.monotonic()
     result = run_bot(
         tmp_path,
         "--console",
-        env={"MODEL_NAME": str(tiny_model_dir), "PRECISION": precision, "LOG_LEVEL": "WARNING"},
+        env={"MODEL_NAME": "facebook/blenderbot-400M-distill", "HF_HUB_OFFLINE": "", "HF_ENDPOINT": endpoint}
+        | {"HF_HOME": str(tmp_path / "hf"), "LOG_LEVEL": "WARNING"},
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip()
+    assert "\n" not in message and "Retry" not in message, result.stderr
+    assert message.startswith(
+        "Could not load the model 'facebook/blenderbot-400M-distill': it could not be downloaded: the Hugging "
+        f"Face hub ({endpoint}) cannot be reached ("
+    )
+    assert "Connection refused" in message and message.endswith("set MODEL_NAME to a local folder")
+    assert time.monotonic() - started < 30  # no retries (huggingface_hub's take about 46 s)
+
+
+def test_console_answers_with_an_int8_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """int8, the CPU default; test_console_keeps_its_own_history runs the console in fp32."""
+    result = run_bot(
+        tmp_path,
+        "--console",
+        env={"MODEL_NAME": str(tiny_model_dir), "PRECISION": "int8", "LOG_LEVEL": "WARNING"},
         stdin="hello there\n\n/reset\nhow are you\n/quit\n",
     )
     assert result.returncode == 0, result.stderr
@@ -62,3 +128,77 @@ def test_console_answers_with_a_local_model(tmp_path: Path, tiny_model_dir: Path
     assert len(replies) == 3 and "(history cleared)" in replies[1]
     assert all(r.split("bot> ", 1)[1].strip() for r in replies)
     assert "Traceback" not in result.stderr
+
+
+async def test_console_keeps_its_own_history(tmp_path: Path, tiny_model_dir: Path, tiny_engine: Engine) -> None:
+    db = tmp_path / "h.sqlite3"  # HISTORY_DB, as run_bot sets it
+    discord_turns = [Turn("user", "do you have any pets"), Turn("bot", "yes i have a dog")]
+    store = HistoryStore(db, max_turns=12)
+    store.append(Conversation(channel_id=0), 5, *discord_turns)  # channel 0: where the console used to write
+    store.close()
+    result = await asyncio.to_thread(
+        run_bot,
+        tmp_path,
+        "--console",
+        env={"MODEL_NAME": str(tiny_model_dir), "DEVICE": "cpu", "PRECISION": "fp32", "LOG_LEVEL": "INFO"},
+        stdin="hello there\n/help\n/shrug hi\n\n/reset\nhello there\n/quit\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Nothing said here is kept" in result.stdout
+    replies = [line.split("bot> ", 1)[1] for line in result.stdout.splitlines() if "bot> " in line]
+    # Answered as a fresh conversation, not one that carries on the Discord history of channel 0...
+    hello = [Turn("user", "hello there")]
+    assert replies[0] == await tiny_engine.reply(hello) != await tiny_engine.reply(discord_turns + hello)
+    # ...and the console's commands are the console's, never sent to the model.
+    assert replies[1:4] == [CONSOLE_HELP, CONSOLE_UNKNOWN.format(command="/shrug"), "(history cleared)"]
+    assert replies[4] == replies[0]  # after /reset, a fresh conversation again
+    store = HistoryStore(db, max_turns=12)
+    assert store.counts() == (1, 2) and store.get(Conversation(channel_id=0)) == discord_turns
+    store.close()
+    # Logs into a pipe or a file carry no colour codes.
+    assert "loading " in result.stderr and "\x1b[" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "command"),
+    [("/help", "/help"), ("/Reset now", "/reset"), ("/shrug", "/shrug"), ("hello /help", None), ("/ hi", None)],
+)
+def test_console_command(text: str, command: str | None) -> None:
+    assert console_command(text) == command
+
+
+async def test_console_help_and_unknown_commands_never_reach_the_model(
+    chat: ChatService, scripted_engine: ScriptedEngine
+) -> None:
+    assert await console_answer(chat, "/help", "/help") == CONSOLE_HELP
+    assert "/help lists the commands" in await console_answer(chat, "/weather paris", "/weather")
+    assert scripted_engine.seen == []
+    assert await console_answer(chat, "hello", None) == "re: hello"
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_log_colours_only_on_a_terminal(tty: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stream(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    stream = Stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for key in ("TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        monkeypatch.setenv(key, "error")
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, [logging.getLogger(n).level for n in LIBRARY_LOGGERS])
+    try:
+        setup_logging(logging.INFO)
+        logging.getLogger("bot").info("hello")
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    finally:
+        for handler in set(root.handlers) - set(before[0]):
+            root.removeHandler(handler)
+        root.setLevel(before[1])
+        for name, level in zip(LIBRARY_LOGGERS, before[2], strict=True):
+            logging.getLogger(name).setLevel(level)
+    assert "hello" in stream.getvalue() and ("\x1b[" in stream.getvalue()) == tty
+    assert "Retry" not in stream.getvalue()
+    assert logging.getLogger("huggingface_hub").handlers == []  # its lines are not written twice

@@ -4,6 +4,7 @@ Product code has no test switch, so the child points discord.py at the fake befo
 package exactly as `python -m bot` would. `TEST_SLOW_STEP_S` (read only by this launcher, never by
 the product) makes the model deliberately slow: every decoding step sleeps that long first, so a
 reply can be caught in flight; the engine's own stopping criteria still run between steps.
+`TEST_SLOW_LOAD_S` makes loading the model take that much longer, so a signal can arrive mid-load.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ if slow:
         time.sleep(slow)
         return original(self, *args, **kwargs)
     Model.forward = forward
+slow_load = float(os.environ.get("TEST_SLOW_LOAD_S") or 0)
+if slow_load:
+    import transformers
+    original_load = transformers.AutoTokenizer.from_pretrained
+    def from_pretrained(*args, **kwargs):
+        time.sleep(slow_load)
+        return original_load(*args, **kwargs)
+    transformers.AutoTokenizer.from_pretrained = from_pretrained
 sys.argv = ["bot"]
 runpy.run_module("bot", run_name="__main__", alter_sys=True)
 """

@@ -84,3 +84,4 @@ async def test_real_process_with_a_wrong_token_says_so_and_exits(
     assert "wrong-token" not in stderr  # never print the token
     assert [(c.path, c.status) for c in fake_discord.calls] == [("/users/@me", 401)]
     assert fake_discord.identifies == 0
+    assert "loading " not in stderr, stderr  # reported before the model load started (the engine's first line)

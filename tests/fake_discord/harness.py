@@ -1,4 +1,5 @@
-"""Run the real bot (services built as `bot/__main__.py`'s `run_discord` builds them) against the fake."""
+"""Run the real bot (services built, and started in the order, as `bot/__main__.py`'s `run_discord` does)
+against the fake."""
 
 from __future__ import annotations
 
@@ -98,25 +99,34 @@ def bot_settings(fake: FakeDiscord, model_dir: Path, history_db: Path, **overrid
 
 
 async def start_bot(fake: FakeDiscord, settings: Settings, *, ready_timeout: float = 30.0) -> BotHarness:
-    """Build the services like `run_discord` does and start `ChatBot` against the fake; wait for on_ready."""
+    """Start `ChatBot` against the fake in `run_discord`'s order: log in (token, cogs, command sync), load the
+    model, connect; wait for on_ready."""
     errors = _ErrorCollector()
     logging.getLogger().addHandler(errors)
     history = HistoryStore(settings.history_db, settings.history_turns)
     engine = Engine(EngineConfig.from_settings(settings))
-    await engine.start()
     chat = ChatService(engine, history)
     bot = ChatBot(settings=settings, chat=chat)
     # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready; the fake
     # sends its only guild at once, so a short wait saves two seconds per test and changes nothing else.
     bot._connection.guild_ready_timeout = 0.05
-    await bot.__aenter__()
     ready = asyncio.Event()
 
     async def on_ready() -> None:
         ready.set()
 
     bot.add_listener(on_ready, "on_ready")
-    runner = asyncio.create_task(bot.start(settings.discord_token or ""))
+    try:
+        await bot.__aenter__()
+        await bot.login(settings.discord_token or "")
+        await engine.start()
+    except BaseException:
+        await bot.close()
+        await engine.close()
+        history.close()
+        logging.getLogger().removeHandler(errors)
+        raise
+    runner = asyncio.create_task(bot.connect())
     harness = BotHarness(fake, settings, history, engine, chat, bot, runner, errors)
     waiter = asyncio.create_task(ready.wait())
     done, _ = await asyncio.wait({runner, waiter}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
