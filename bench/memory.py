@@ -51,13 +51,22 @@ def _child(model_dir: str, mode: str) -> None:
         result["peak_rss_load_prepare_mb"] = proc_status_mb().get("VmHWM")
         result["steady_rss_mb"] = proc_status_mb().get("VmRSS")
     else:
+        from bench.workload import conversations
         from bot.engine import Engine, EngineConfig
         from bot.types import Turn
+
+        serving = mode == "serve_16x10x60"  # 16 conversations at once, 10 beams, 60 tokens
+        beams, tokens = (10, 60) if serving else (1, 5)
 
         async def run() -> None:
             engine = Engine(
                 EngineConfig(
-                    model_name=model_dir, device="cpu", precision=mode, num_beams=1, min_new_tokens=5, max_new_tokens=5
+                    model_name=model_dir,
+                    device="cpu",
+                    precision="int8" if serving else mode,
+                    num_beams=beams,
+                    min_new_tokens=tokens,
+                    max_new_tokens=tokens,
                 )
             )
             await engine.start()
@@ -70,6 +79,9 @@ def _child(model_dir: str, mode: str) -> None:
             result["rss_anon_mb"] = status.get("RssAnon")
             result["rss_file_mb"] = status.get("RssFile")
             result["precision_used"] = engine.precision
+            if serving:
+                await asyncio.gather(*(engine.reply(h) for h in conversations(16, seed=16)))
+                result["peak_rss_serving_mb"] = proc_status_mb().get("VmHWM")
             await engine.close()
 
         asyncio.run(run())

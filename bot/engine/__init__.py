@@ -9,9 +9,9 @@ place is bounded and refuses work when full.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -9,7 +9,7 @@ request, the same choices `generate()` makes (transformers 5.x `_sample` for gre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch.nn import functional as F
@@ -71,9 +71,7 @@ def logits_processors(gen: Any, plan: DecodingPlan, encoder_ids: list[int]) -> L
     if gen.no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
     if gen.encoder_no_repeat_ngram_size:
-        processors.append(
-            EncoderNoRepeatNGramLogitsProcessor(gen.encoder_no_repeat_ngram_size, torch.tensor([encoder_ids]))
-        )
+        processors.append(EncoderNoRepeatNGramLogitsProcessor(gen.encoder_no_repeat_ngram_size, _long([encoder_ids])))
     if gen.bad_words_ids is not None:
         processors.append(NoBadWordsLogitsProcessor(gen.bad_words_ids, eos))
     if eos and gen.min_new_tokens is None and gen.min_length:
@@ -93,8 +91,15 @@ def logits_processors(gen: Any, plan: DecodingPlan, encoder_ids: list[int]) -> L
 class Search(Protocol):
     """One request's token choices; `advance` takes the logits of its rows for one step."""
 
-    rows: int
-    length: int  # decoder tokens so far, the start token included
+    @property
+    def rows(self) -> int:
+        """How many rows (beams) the request decodes."""
+        ...
+
+    @property
+    def length(self) -> int:
+        """Decoder tokens so far, the start token included."""
+        ...
 
     def next_tokens(self) -> list[int]: ...
 
@@ -123,7 +128,7 @@ class GreedySearch:
         return self.tokens[-1:]
 
     def advance(self, logits: torch.Tensor) -> tuple[list[int] | None, bool]:
-        scores = self.processors(torch.tensor([self.tokens]), logits)
+        scores = self.processors(_long([self.tokens]), logits)
         token = int(torch.argmax(scores, dim=-1)[0])
         self.tokens.append(token)
         return None, token in self.plan.eos_ids or len(self.tokens) >= self.plan.max_length
@@ -157,7 +162,7 @@ class BeamSearch:
 
     def advance(self, logits: torch.Tensor) -> tuple[list[int] | None, bool]:
         plan, cur = self.plan, self.length
-        log_probs = self.processors(self.running[:, :cur], F.log_softmax(logits, dim=-1))
+        log_probs = self.processors(cast(torch.LongTensor, self.running[:, :cur]), F.log_softmax(logits, dim=-1))
         vocab = log_probs.shape[-1]
         totals = (log_probs + self.running_scores[:, None]).reshape(1, -1)
         top_scores, top_index = torch.topk(totals, k=self.keep)
@@ -188,10 +193,9 @@ class BeamSearch:
         self.finished = torch.cat((self.finished, ended))[best]
 
         self.length = cur = cur + 1
-        if plan.early_stopping == "never" and plan.length_penalty > 0.0:
-            hypothetical = plan.max_length - 1
-        else:
-            hypothetical = cur - 1
+        # the best length a running beam could still reach, as transformers' early-stop heuristic guesses it
+        never = plan.early_stopping == "never" and plan.length_penalty > 0.0
+        hypothetical = plan.max_length - 1 if never else cur - 1
         best_running = self.running_scores[:1] / (hypothetical**plan.length_penalty)
         worst_finished = torch.where(self.finished, torch.min(self.scores), _NEG)
         self.improvable = self.improvable and bool(torch.any(best_running > worst_finished))
@@ -206,6 +210,10 @@ class BeamSearch:
             if token in self.plan.eos_ids:
                 return tokens[: i + 1]
         return [t for t in tokens if t != self.plan.pad_id]
+
+
+def _long(ids: list[list[int]]) -> torch.LongTensor:
+    return cast(torch.LongTensor, torch.tensor(ids, dtype=torch.long))
 
 
 def new_search(plan: DecodingPlan, processors: LogitsProcessorList) -> GreedySearch | BeamSearch:

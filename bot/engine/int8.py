@@ -39,6 +39,9 @@ def can_quantize() -> bool:
 class RowwiseInt8Linear(nn.Module):
     """y = x W^T + b with int8 W (per output channel) and int8 x (per row); batch-invariant."""
 
+    bias: torch.Tensor | None
+    _anchor: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         weight = weight.detach().float()

@@ -131,7 +131,7 @@ class Scheduler:
                 continue
             try:
                 self.runner.add_block(item.input_ids)
-            except Exception as exc:  # noqa: BLE001 - one bad prompt must not stop the loop
+            except Exception as exc:
                 log.exception("could not start a reply")
                 self._finish(item, None, EngineError(f"generation failed: {exc}"))
                 continue
@@ -150,7 +150,7 @@ class Scheduler:
             logits = self.runner.step(
                 torch.tensor(tokens, device=self.runner.device), torch.tensor(positions, device=self.runner.device)
             ).cpu()
-        except Exception as exc:  # noqa: BLE001 - the thread must outlive any one step
+        except Exception as exc:
             log.exception("a decoding step failed for %d requests", len(running))
             self._fail_running(EngineError(f"generation failed: {exc}"))
             return
@@ -167,7 +167,7 @@ class Scheduler:
                     self.counters.tokens += len(tokens_out)
                     outcomes.append((entry.request, self.decode(tokens_out).strip(), None))
                     done.append(i)
-            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+            except Exception as exc:
                 log.exception("choosing the next token failed")
                 outcomes.append((entry.request, None, EngineError(f"generation failed: {exc}")))
                 done.append(i)
@@ -192,7 +192,9 @@ class Scheduler:
                 late.append(i)
             elif now >= entry.request.deadline:
                 log.warning("a reply was stopped after %.1fs (GENERATION_TIMEOUT_SECONDS)", now - entry.admitted)
-                self._finish(entry.request, None, GenerationTimeout(f"stopped after {now - entry.request.submitted:.1f}s"))
+                self._finish(
+                    entry.request, None, GenerationTimeout(f"stopped after {now - entry.request.submitted:.1f}s")
+                )
                 late.append(i)
         self._retire(late)
 

@@ -82,7 +82,7 @@ class Seq2SeqRunner:
         ids = torch.tensor([input_ids], device=self.device)
         states = self.encoder(input_ids=ids).last_hidden_state  # [1, S, d_model]
         length = states.shape[1]
-        for layer, keys, values in zip(self.decoder.layers, self.cross_keys, self.cross_values):
+        for layer, keys, values in zip(self.decoder.layers, self.cross_keys, self.cross_values, strict=True):
             attention = layer.encoder_attn
             keys[block, :, :length] = self._heads(attention.k_proj(states))[0]
             values[block, :, :length] = self._heads(attention.v_proj(states))[0]
@@ -121,7 +121,7 @@ class Seq2SeqRunner:
         hidden = decoder.embed_tokens(tokens) + decoder.embed_positions.weight[positions]
         self_mask = (self._slots[None, :] <= positions[:, None])[:, None, None, :]  # [rows, 1, 1, slots]
         for layer, keys, values, cross_keys, cross_values in zip(
-            decoder.layers, self.keys, self.values, self.cross_keys, self.cross_values
+            decoder.layers, self.keys, self.values, self.cross_keys, self.cross_values, strict=True
         ):
             attention = layer.self_attn
             x = layer.self_attn_layer_norm(hidden)
@@ -153,7 +153,9 @@ class Seq2SeqRunner:
         split = states.view(*states.shape[:-1], self.heads, self.head_dim)
         return split.transpose(1, 2) if states.dim() == 3 else split
 
-    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         return F.scaled_dot_product_attention(
             query.to(self.cache_dtype), keys, values, attn_mask=mask, scale=self.scaling
         )
