@@ -23,6 +23,10 @@ class ModelLoadError(RuntimeError):
     """The model could not be found, downloaded or loaded; the message is one line."""
 
 
+class NotAChatModel(ModelLoadError):
+    """The model exists but is not an encoder-decoder like BlenderBot (found from its config, before any weights)."""
+
+
 def looks_like_path(name: str) -> bool:
     """True for what can only be a local path, never a hub id.
 
@@ -68,6 +72,8 @@ def load_tokenizer_and_model(model_name: str) -> tuple[Any, Any]:
     name = check_model_name(model_name)
     try:
         return _load(name, local_files_only=True)
+    except NotAChatModel:
+        raise
     except ModelLoadError:
         if Path(name).is_dir():
             raise
@@ -78,9 +84,12 @@ def load_tokenizer_and_model(model_name: str) -> tuple[Any, Any]:
 
 def _load(name: str, *, local_files_only: bool, failed: str = "") -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
+        if not getattr(config, "is_encoder_decoder", False):
+            raise NotAChatModel(f"it is a {config.model_type} model, not an encoder-decoder chat model like BlenderBot")
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
         model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_files_only)
     except (OSError, ValueError, KeyError) as exc:
