@@ -40,7 +40,7 @@ lint: $(STAMP)  ## ruff (lint rules and formatting) and mypy; every check runs, 
 	$(VENV)/bin/mypy || status=1; \
 	exit $$status
 
-bench: $(STAMP)  ## speed and memory benchmark on a full-size random BlenderBot-400M (about 5 minutes)
+bench: $(STAMP)  ## speed and memory benchmark on a full-size random BlenderBot-400M (several minutes)
 	$(PY) -m pip install --quiet --disable-pip-version-check "matplotlib>=3.8"  # the chart only
 	$(PY) -m bench
 
