@@ -105,7 +105,7 @@ async def launch(fake: FakeDiscord, workdir: Path, model_dir: Path, **env_overri
         OMP_NUM_THREADS="1",
     )
     env.update(env_overrides)
-    workdir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
