@@ -37,7 +37,8 @@ class Everyone(commands.Cog):
         tps = "n/a" if s.tokens_per_second is None else f"{s.tokens_per_second:.1f}"
         lines = [
             f"**Model:** `{s.model}` on {s.device} ({s.precision})",
-            f"**Queue:** {s.queue_depth} waiting",
+            f"**Generating now:** {s.running} replies; **waiting:** {s.queue_depth}",
+            f"**Wait before generating:** p50 {_seconds(s.queue_wait_p50_s)}, p95 {_seconds(s.queue_wait_p95_s)}",
             f"**Replies served:** {s.replies}",
             f"**Latency:** p50 {_seconds(s.latency_p50_s)}, p95 {_seconds(s.latency_p95_s)}",
             f"**Speed:** {tps} tokens/s",

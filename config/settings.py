@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
 from dotenv import dotenv_values
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

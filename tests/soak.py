@@ -447,7 +447,7 @@ class Soak:
                         expected += [("user", a.text), ("bot", a.replies[0]["content"])]
                 if rows != expected:
                     strays = [t for r, t in rows if r == "user" and not t.startswith(conv.marker + " ")]
-                    diff = next((i for i, (r, e) in enumerate(zip(rows, expected)) if r != e), None)
+                    diff = next((i for i, (r, e) in enumerate(zip(rows, expected, strict=False)) if r != e), None)
                     first = (
                         f"; first difference at turn {diff}: stored {rows[diff]!r}, expected {expected[diff]!r}"
                         if diff is not None

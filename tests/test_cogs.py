@@ -334,6 +334,7 @@ async def test_stats_and_forget_me(chat: ChatService, tiny_engine: Engine, tiny_
     await Everyone.stats.callback(Everyone(bot), interaction)  # type: ignore[arg-type]
     text, ephemeral = interaction.response.sent[0]
     assert ephemeral and str(tiny_model_dir) in text and "Replies served:** 1" in text and "p95" in text
+    assert "**Generating now:** 0 replies; **waiting:** 0" in text and "**Wait before generating:** p50" in text
     interaction = FakeInteraction()
     await Everyone.forget_me.callback(Everyone(bot), interaction)  # type: ignore[arg-type]
     assert "deleted 2 stored messages" in interaction.response.sent[0][0]

@@ -170,6 +170,7 @@ async def test_thread_survives_a_failing_step(tiny_model_dir: Path, monkeypatch:
 
 async def test_thread_survives_a_failing_decode(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with Engine(engine_config(tiny_model_dir)) as engine:
+
         def broken(ids: list[int]) -> str:
             raise RuntimeError("decode failed")
 

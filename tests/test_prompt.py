@@ -49,9 +49,9 @@ def test_single_overlong_message_keeps_its_end() -> None:
 
 
 def test_rejects_impossible_budget() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one token"):
         build_input_ids([Turn("user", "hi")], chars, EOS, max_tokens=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one turn"):
         build_input_ids([], chars, EOS, max_tokens=10)
 
 

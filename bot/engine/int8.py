@@ -64,7 +64,7 @@ class RowwiseInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features).float()
-        scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # faster than vector_norm(inf) on CPU
         buf = torch.empty(rows.shape[0] + 1, self.in_features)
         torch.div(rows, scale, out=buf[:-1])
         buf[-1:].copy_(self._anchor)

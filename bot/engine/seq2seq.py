@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 
 class UnsupportedModel(ValueError):
@@ -56,6 +55,12 @@ class Seq2SeqRunner:
         self.cross_mask = torch.zeros((max_blocks, 1, 1, self.source_length), dtype=torch.bool, device=self.device)
         self._slots = torch.arange(max_length, device=self.device)
         self.blocks = 0
+
+    @staticmethod
+    def cache_size(config: Any, max_blocks: int, beams: int, max_length: int, element_size: int = 4) -> int:
+        """Bytes of the self- and cross-attention slabs for these limits."""
+        per_position = 2 * int(config.d_model) * int(config.decoder_layers) * element_size
+        return per_position * (max_blocks * beams * max_length + max_blocks * int(config.max_position_embeddings))
 
     @property
     def rows(self) -> int:
@@ -156,6 +161,11 @@ class Seq2SeqRunner:
     def _attend(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            query.to(self.cache_dtype), keys, values, attn_mask=mask, scale=self.scaling
-        )
+        """Softmax attention of `query` over `keys`/`values` where `mask` is True.
+
+        Written out rather than through `scaled_dot_product_attention`, whose CPU kernels are several
+        times slower at these shapes (one query per row, short key slabs), bf16 most of all.
+        """
+        scores = torch.matmul(query.to(self.cache_dtype), keys.transpose(-1, -2)).float() * self.scaling
+        weights = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
+        return torch.matmul(weights.to(self.cache_dtype), values)

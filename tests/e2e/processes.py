@@ -26,12 +26,12 @@ discord.http.Route.BASE = sys.argv[1] + "/api/v10"
 discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(sys.argv[2])
 slow = float(os.environ.get("TEST_SLOW_STEP_S") or 0)
 if slow:
-    from transformers import BlenderbotForConditionalGeneration as Model
-    original = Model.forward
-    def forward(self, *args, **kwargs):
+    from bot.engine.seq2seq import Seq2SeqRunner
+    original = Seq2SeqRunner.step
+    def step(self, *args, **kwargs):
         time.sleep(slow)
         return original(self, *args, **kwargs)
-    Model.forward = forward
+    Seq2SeqRunner.step = step
 slow_load = float(os.environ.get("TEST_SLOW_LOAD_S") or 0)
 if slow_load:
     import transformers

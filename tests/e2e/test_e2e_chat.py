@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import pytest
-from transformers import BlenderbotForConditionalGeneration
 
 from bot.chat import CLOSING_TEXT, ERROR_TEXT
+from bot.engine.seq2seq import Seq2SeqRunner
 from bot.types import Conversation, Turn
 from cogs.chat import ATTACHMENT_ONLY_TEXT, COOLDOWN_TEXT, EMPTY_MENTION_TEXT
 from tests.fake_discord import QUIET, BotFactory, BotHarness, FakeDiscord
@@ -192,12 +192,12 @@ async def test_a_long_reply_arrives_split(bot_factory: BotFactory, long_model_di
 async def test_engine_failure_gives_a_short_apology(harness: BotHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     fake, w = harness.fake, harness.fake.world
 
-    def broken_generate(self: object, *args: object, **kwargs: object) -> object:
+    def broken_step(self: object, *args: object, **kwargs: object) -> object:
         raise RuntimeError("Traceback (most recent call last): CUDA error: device-side assert triggered")
 
     harness.allowed_error_logs = lambda record: record.name.startswith("bot.")
     with monkeypatch.context() as patch:
-        patch.setattr(BlenderbotForConditionalGeneration, "generate", broken_generate)
+        patch.setattr(Seq2SeqRunner, "step", broken_step)
         reply = await fake.ask(w.member, w.general, "hello there")
     assert reply == ERROR_TEXT
     assert "Traceback" not in reply and "CUDA" not in reply and "Error" not in reply
@@ -255,10 +255,10 @@ async def test_channels_answered_concurrently_get_the_same_replies(harness: BotH
     texts = ["hello there", "do you have any pets", "what do you like to do for fun", "tell me about space"]
     channels = [await fake.add_text_channel(f"busy-{i}") for i in range(len(texts))]
     # All at once: the engine may batch them.
-    messages = [await fake.mention(w.member, c, t) for c, t in zip(channels, texts)]
+    messages = [await fake.mention(w.member, c, t) for c, t in zip(channels, texts, strict=True)]
     replies = [(await fake.wait_reply(m))["content"] for m in messages]
     # One at a time, in fresh channels.
-    for text, reply in zip(texts, replies):
+    for text, reply in zip(texts, replies, strict=True):
         assert await fake.ask(w.carol, await fake.add_text_channel("calm"), text) == reply
 
 

@@ -7,6 +7,7 @@ surviving RECONNECT + RESUME, and the clear exits of `run_discord` for a refused
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -14,19 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import BlenderbotForConditionalGeneration
 
 from bot.__main__ import ExitCode, run_discord
+from bot.engine.seq2seq import Seq2SeqRunner
 from bot.types import Conversation, Turn
 from tests.fake_discord import BotFactory, BotHarness, FakeDiscord, bot_settings
 
 HEARTBEAT_MS = 500
 
 
-class SlowGenerate:
-    """Wraps `generate`: the real generation runs, then the call holds its thread until released.
+class SlowStep:
+    """Wraps a decoding step: the real step runs, then the first call holds its thread until released.
 
-    Holding happens in the thread that called `generate`; if that thread were the event loop's,
+    Holding happens in the thread that runs the step; if that thread were the event loop's,
     nothing else (typing, commands, heartbeats) could happen until the hold ended.
     """
 
@@ -40,10 +41,10 @@ class SlowGenerate:
         self.released_at: float | None = None
 
     def method(self) -> Callable[..., Any]:
-        def generate(model: Any, *args: Any, **kwargs: Any) -> Any:
-            return self(model, *args, **kwargs)
+        def step(runner: Any, *args: Any, **kwargs: Any) -> Any:
+            return self(runner, *args, **kwargs)
 
-        return generate
+        return step
 
     def __call__(self, model: Any, *args: Any, **kwargs: Any) -> Any:
         output = self.original(model, *args, **kwargs)
@@ -61,8 +62,8 @@ async def test_bot_stays_responsive_while_the_model_is_generating(
 ) -> None:
     fake, w = fake_discord, fake_discord.world
     fake.heartbeat_interval_ms = HEARTBEAT_MS
-    slow = SlowGenerate(BlenderbotForConditionalGeneration.generate)
-    monkeypatch.setattr(BlenderbotForConditionalGeneration, "generate", slow.method())
+    slow = SlowStep(Seq2SeqRunner.step)
+    monkeypatch.setattr(Seq2SeqRunner, "step", slow.method())
     await bot_factory()
 
     busy = await fake.mention(w.member, w.general, "hello there")
@@ -92,7 +93,7 @@ async def test_bot_stays_responsive_while_the_model_is_generating(
     assert slow.released_at - slow.started_at >= 1.0  # the window measured above was a real one
 
     times = [h.time for h in fake.heartbeats]
-    gaps = [b - a for a, b in zip(times[1:], times[2:])]  # the first beat is sent at once on HELLO
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]  # the first beat is sent at once on HELLO
     assert gaps, "no heartbeats to measure"
     assert max(gaps) < HEARTBEAT_MS / 1000 + 0.5, f"late heartbeats: {gaps}"
     # (Not asserting on bot.latency: discord.py's keep-alive thread records the send time after the

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import BlenderbotForConditionalGeneration
 
 from bot.chat import CLOSING_TEXT, TIMEOUT_TEXT
+from bot.engine.seq2seq import Seq2SeqRunner
 from bot.types import Conversation, Turn
 from cogs.chat import COOLDOWN_TEXT
 from tests.e2e.processes import launch
@@ -87,18 +87,18 @@ class SlowSteps:
         self.seconds = seconds
         self.on = threading.Event()
         self.steps_while_on = 0
-        self.original = BlenderbotForConditionalGeneration.forward
+        self.original = Seq2SeqRunner.step
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         original = self.original
 
-        def forward(model: Any, *args: Any, **kwargs: Any) -> Any:
+        def step(runner: Any, *args: Any, **kwargs: Any) -> Any:
             if self.on.is_set():
                 self.steps_while_on += 1
                 time.sleep(self.seconds)
-            return original(model, *args, **kwargs)
+            return original(runner, *args, **kwargs)
 
-        monkeypatch.setattr(BlenderbotForConditionalGeneration, "forward", forward)
+        monkeypatch.setattr(Seq2SeqRunner, "step", step)
 
 
 async def test_generation_deadline_through_discord(bot_factory: BotFactory, monkeypatch: pytest.MonkeyPatch) -> None:

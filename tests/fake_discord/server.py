@@ -441,7 +441,7 @@ class FakeDiscord:
         required = command.get("default_member_permissions")
         if guild_id and required is not None and not force:
             need = int(required)
-            if not (perms & ADMINISTRATOR or (perms & need) == need and need != 0):
+            if not (perms & ADMINISTRATOR or ((perms & need) == need and need != 0)):
                 raise CommandNotAvailable(f"/{name} is hidden from {user.username} (needs {need})")
 
         data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1}
@@ -830,9 +830,8 @@ class FakeDiscord:
             raise _form_error(f"{index}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
         dmp = cmd.get("default_member_permissions")
         # Discord takes an integer or a string of digits, and always answers with a string.
-        if dmp is not None and not (
-            isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0 or isinstance(dmp, str) and dmp.isdigit()
-        ):
+        whole_number = isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0
+        if dmp is not None and not (whole_number or (isinstance(dmp, str) and dmp.isdigit())):
             raise _form_error(f"{index}.default_member_permissions", "NUMBER_TYPE_COERCE", "Value is not int.")
         options = cmd.get("options") or []
         if len(options) > 25:
