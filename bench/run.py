@@ -36,23 +36,29 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def engine_config(model_dir: Path, beams: int, tokens: int) -> Any:
+    """The product's engine on the CPU at its default precision (int8), every reply exactly `tokens` long."""
+    from bot.engine import EngineConfig
+
+    return EngineConfig(
+        model_name=str(model_dir),
+        device="cpu",
+        precision="auto",
+        num_beams=beams,
+        min_new_tokens=tokens,
+        max_new_tokens=tokens,
+        max_batch=MAX_BATCH,
+        max_queue=256,  # the open loop may build a backlog; the bench measures it rather than refusing
+    )
+
+
 async def engine_scenarios(model_dir: Path, out: dict[str, Any], texts: dict[str, Any]) -> None:
-    from bot.engine import Engine, EngineConfig
+    from bot.engine import Engine
 
     memory.reset_peak()
     rows = out["engine"] = []
     for beams, tokens in CONFIGS:
-        cfg = EngineConfig(
-            model_name=str(model_dir),
-            device="cpu",
-            precision="auto",
-            num_beams=beams,
-            min_new_tokens=tokens,
-            max_new_tokens=tokens,
-            max_batch=MAX_BATCH,
-            max_queue=64,
-        )
-        async with Engine(cfg) as engine:
+        async with Engine(engine_config(model_dir, beams, tokens)) as engine:
             out["engine_precision"] = engine.precision
             await engine.reply(workload.conversations(1, seed=99)[0])  # warm-up
             for n in CONCURRENCY:
@@ -108,7 +114,7 @@ def naive_baseline(model_dir: Path, out: dict[str, Any]) -> workload.NaiveModel:
 async def arrivals(model_dir: Path, naive: workload.NaiveModel, out: dict[str, Any]) -> None:
     """Messages that arrive over time, to the engine, to static batches and to the naive path."""
     from bench.static_batches import StaticBatchEngine
-    from bot.engine import Engine, EngineConfig
+    from bot.engine import Engine
 
     beams, tokens = ARRIVAL
     capacity = 16 / next(
@@ -128,17 +134,7 @@ async def arrivals(model_dir: Path, naive: workload.NaiveModel, out: dict[str, A
     }
     log(f"arrivals: engine capacity {capacity:.2f} replies/s; open loop at {rate:.2f}/s for {OPEN_LOOP_S:.0f}s")
 
-    cfg = EngineConfig(
-        model_name=str(model_dir),
-        device="cpu",
-        precision="int8",
-        num_beams=beams,
-        min_new_tokens=tokens,
-        max_new_tokens=tokens,
-        max_batch=MAX_BATCH,
-        max_queue=256,
-    )
-    async with Engine(cfg) as engine:
+    async with Engine(engine_config(model_dir, beams, tokens)) as engine:
         await engine.reply(workload.conversations(1, seed=99)[0])
         running = lambda: engine.stats().running  # noqa: E731
         result["engine_spaced"] = await openloop.send_over_time(engine.reply, spaced, running=running, seed=3)

@@ -36,9 +36,11 @@ def test_wrong_kinds_of_local_path(tmp_path: Path) -> None:
         check_model_name("not a model")
 
 
-def test_a_local_model_of_the_wrong_kind_is_refused_before_its_weights_load(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(NotAChatModel, match=r"^it is a gpt2 model, not an encoder-decoder chat model like BlenderBot$"):
+@pytest.mark.parametrize("model_type", ["gpt2", "bart"])  # decoder-only, and an encoder-decoder of another kind
+def test_a_local_model_of_the_wrong_kind_is_refused_before_its_weights_load(tmp_path: Path, model_type: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    expected = rf"^it is a {model_type} model; this bot runs BlenderBot models \(model_type blenderbot\)$"
+    with pytest.raises(NotAChatModel, match=expected):
         load_tokenizer_and_model(str(tmp_path))
 
 

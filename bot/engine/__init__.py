@@ -209,7 +209,7 @@ class Engine:
         from bot.engine.decoding import DecodingPlan
         from bot.engine.device import limit_heap_fragmentation, prepare_model, resolve_device, resolve_precision
         from bot.engine.scheduler import Scheduler
-        from bot.engine.seq2seq import Seq2SeqRunner, UnsupportedModel
+        from bot.engine.seq2seq import Seq2SeqRunner
 
         started = time.monotonic()
         limit_heap_fragmentation()
@@ -220,8 +220,6 @@ class Engine:
             self._tokenizer, model = load_tokenizer_and_model(self.config.model_name)
         except ModelLoadError as exc:
             raise EngineError(str(exc)) from None
-        if not getattr(model.config, "is_encoder_decoder", False):
-            raise EngineError("it is not an encoder-decoder chat model like BlenderBot")
         model, self.precision = prepare_model(model, self.device, precision)
         self.max_input_tokens = int(model.config.max_position_embeddings)
         self._model = model
@@ -231,16 +229,13 @@ class Engine:
         if cache_dtype is None:  # int8: fp32 caches are faster on the CPU, bf16 ones half the size
             fp32_bytes = Seq2SeqRunner.cache_size(model.config, self.config.max_batch, plan.num_beams, plan.max_length)
             cache_dtype = torch.float32 if fp32_bytes <= FP32_CACHE_LIMIT_BYTES else torch.bfloat16
-        try:
-            runner = Seq2SeqRunner(
-                model,
-                max_blocks=self.config.max_batch,
-                beams=plan.num_beams,
-                max_length=plan.max_length,
-                cache_dtype=cache_dtype,
-            )
-        except UnsupportedModel as exc:
-            raise EngineError(f"it {exc}") from None
+        runner = Seq2SeqRunner(
+            model,
+            max_blocks=self.config.max_batch,
+            beams=plan.num_beams,
+            max_length=plan.max_length,
+            cache_dtype=cache_dtype,
+        )
         decode = self._tokenizer.decode
         scheduler = Scheduler(
             runner, plan, gen, lambda ids: decode(ids, skip_special_tokens=True), max_queue=self.config.max_queue

@@ -24,7 +24,7 @@ class ModelLoadError(RuntimeError):
 
 
 class NotAChatModel(ModelLoadError):
-    """The model exists but is not an encoder-decoder like BlenderBot (found from its config, before any weights)."""
+    """The model exists but is not a BlenderBot model (found from its config, before any weights)."""
 
 
 def looks_like_path(name: str) -> bool:
@@ -88,8 +88,10 @@ def _load(name: str, *, local_files_only: bool, failed: str = "") -> tuple[Any, 
 
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
-        if not getattr(config, "is_encoder_decoder", False):
-            raise NotAChatModel(f"it is a {config.model_type} model, not an encoder-decoder chat model like BlenderBot")
+        if config.model_type != "blenderbot":
+            raise NotAChatModel(
+                f"it is a {config.model_type} model; this bot runs BlenderBot models (model_type blenderbot)"
+            )
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
         model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_files_only)
     except (OSError, ValueError, KeyError) as exc:

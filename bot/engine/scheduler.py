@@ -43,7 +43,6 @@ class Request:
 class _Running:
     request: Request
     search: Search
-    admitted: float
 
 
 @dataclass
@@ -136,7 +135,7 @@ class Scheduler:
                 self._finish(item, None, EngineError(f"generation failed: {exc}"))
                 continue
             processors = logits_processors(self.generation_config, self.plan, item.input_ids)
-            self._running.append(_Running(item, new_search(self.plan, processors), now))
+            self._running.append(_Running(item, new_search(self.plan, processors)))
             self.counters.running = len(self._running)
             self.counters.queue_waits.append(now - item.submitted)
         return True
@@ -191,10 +190,9 @@ class Scheduler:
             if entry.request.abandoned():
                 late.append(i)
             elif now >= entry.request.deadline:
-                log.warning("a reply was stopped after %.1fs (GENERATION_TIMEOUT_SECONDS)", now - entry.admitted)
-                self._finish(
-                    entry.request, None, GenerationTimeout(f"stopped after {now - entry.request.submitted:.1f}s")
-                )
+                waited = now - entry.request.submitted
+                log.warning("a reply was stopped after %.1fs (GENERATION_TIMEOUT_SECONDS)", waited)
+                self._finish(entry.request, None, GenerationTimeout(f"stopped after {waited:.1f}s"))
                 late.append(i)
         self._retire(late)
 
