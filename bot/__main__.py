@@ -187,6 +187,10 @@ async def run_discord(settings: Settings) -> None:
         ) from None
     except (aiohttp.ClientConnectionError, discord.GatewayNotFound) as exc:
         raise ExitCode(f"Could not reach Discord: {exc}") from None
+    except discord.HTTPException as exc:  # e.g. a Discord outage (5xx) while logging in
+        raise ExitCode(
+            f"Discord answered with an error ({exc.status}): {exc.text or 'no details'}. Try again later."
+        ) from None
     finally:
         log.info("stopped")
 

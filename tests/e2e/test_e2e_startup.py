@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
+import discord
 import pytest
 
 import bot.__main__ as entry
+from bot.client import ChatBot
 from bot.engine import Engine, EngineError
 from tests.e2e.processes import launch
 from tests.fake_discord import FakeDiscord, bot_settings
@@ -49,6 +52,25 @@ async def test_a_wrong_token_is_reported_before_the_model_loads(
         await entry.run_discord(settings)
     assert spy.calls_seen is None  # the model load never started
     assert [(c.path, c.status) for c in fake_discord.calls] == [("/users/@me", 401)]
+
+
+async def test_a_discord_error_while_logging_in_is_one_line(
+    fake_discord: FakeDiscord,
+    spy: EngineStartSpy,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def outage(bot: object, token: str) -> None:
+        raise discord.DiscordServerError(SimpleNamespace(status=503, reason="Service Unavailable"), "upstream down")
+
+    monkeypatch.setattr(ChatBot, "login", outage)
+    settings = bot_settings(fake_discord, tiny_model_dir, tmp_path / "h.sqlite3")
+    with pytest.raises(
+        entry.ExitCode, match=r"^Discord answered with an error \(503\): upstream down\. Try again later\.$"
+    ):
+        await entry.run_discord(settings)
+    assert spy.calls_seen is None  # the model load never started
 
 
 async def test_logs_in_and_syncs_commands_before_the_model_loads_and_connects_after(
