@@ -213,7 +213,10 @@ async def run_console(settings: Settings) -> None:
                 break
             if not text:
                 continue
-            print(f"bot> {await console_answer(chat, text, command)}")
+            if command is None and settings.stream_replies and chat.can_stream:
+                await console_stream(chat, text)
+            else:
+                print(f"bot> {await console_answer(chat, text, command)}")
 
 
 def console_command(text: str) -> str | None:
@@ -235,6 +238,27 @@ async def console_answer(chat: ChatService, text: str, command: str | None) -> s
     reply = await chat.respond(CONSOLE_CONVERSATION, None, text)
     log.debug("console reply in %.2fs", time.monotonic() - started)
     return reply.text
+
+
+async def console_stream(chat: ChatService, text: str) -> None:
+    """Print the model's reply as it is written, then whatever of the final answer is not on screen yet."""
+    shown = ""
+
+    def partial(so_far: str) -> None:
+        nonlocal shown
+        if so_far.startswith(shown):
+            sys.stdout.write(so_far[len(shown) :])
+            sys.stdout.flush()
+            shown = so_far
+
+    sys.stdout.write("bot> ")
+    reply = await chat.respond(CONSOLE_CONVERSATION, None, text, on_partial=partial)
+    if reply.ok and reply.text.startswith(shown):
+        print(reply.text[len(shown) :])
+    elif shown:  # cut off after some words, or the final text differs from what was shown
+        print(("\n" + reply.text) if reply.ok else f" ... \n(cut off) {reply.text}")
+    else:
+        print(reply.text)
 
 
 def stdin_lines() -> asyncio.Queue[str | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -23,9 +23,12 @@ EMPTY_REPLY_TEXT = "I'm not sure what to say to that. Could you tell me more?"
 
 
 class ReplyEngine(Protocol):
-    async def reply(self, history: Sequence[Turn]) -> str: ...
+    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str: ...
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def can_stream(self) -> bool: ...
 
 
 class ChatService:
@@ -47,8 +50,25 @@ class ChatService:
         """Conversation steps currently waiting for or running on the engine."""
         return self._in_flight
 
-    async def respond(self, conversation: Conversation, user_id: int | None, text: str) -> Reply:
-        """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice."""
+    @property
+    def can_stream(self) -> bool:
+        """Whether `respond` can report a reply while it is written (see its `on_partial`)."""
+        return self.engine.can_stream
+
+    async def respond(
+        self,
+        conversation: Conversation,
+        user_id: int | None,
+        text: str,
+        *,
+        on_partial: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
+
+        `on_partial`, when the engine can stream, is called with the reply so far as it is written
+        (each text extends the one before); the returned `Reply` is still the whole answer, the one
+        stored, or a notice if the reply could not be finished.
+        """
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
@@ -59,7 +79,7 @@ class ChatService:
                     return Reply(ERROR_TEXT, ok=False)
                 cleared = self._clear_marks(conversation, user_id)
                 try:
-                    answer = await self.engine.reply(turns)
+                    answer = await self.engine.reply(turns, on_partial)
                 except EngineBusy:
                     log.warning("queue full; told channel %s to try again", conversation.channel_id)
                     return Reply(BUSY_TEXT, ok=False)

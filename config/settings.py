@@ -43,6 +43,7 @@ class Settings:
     # Chat behaviour.
     user_cooldown_seconds: float = 3.0
     shutdown_grace_seconds: float = 20.0
+    stream_replies: bool = True
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
@@ -94,6 +95,15 @@ def _token(key: str, raw: str) -> str:
     return raw
 
 
+def _bool(key: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{key} must be true or false, got {raw!r}")
+
+
 def _text(key: str, raw: str) -> str:
     return raw
 
@@ -116,6 +126,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "GENERATION_TIMEOUT_SECONDS": ("generation_timeout_seconds", _float(0.1)),
     "USER_COOLDOWN_SECONDS": ("user_cooldown_seconds", _float(0.0)),
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0.0)),
+    "STREAM_REPLIES": ("stream_replies", _bool),
 }
 
 SETTING_KEYS = tuple(_PARSERS)

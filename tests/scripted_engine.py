@@ -3,7 +3,7 @@
 A pytest plugin (see `pytest_plugins` in tests/conftest.py): its fixtures reach every test without an import."""
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,21 +14,37 @@ from bot.types import Turn
 
 
 class ScriptedEngine:
-    """Answers with the text it was asked about; can be told to fail or to wait."""
+    """Answers with the text it was asked about; can be told to fail, to wait, or to stream.
+
+    Streaming (`can_stream` and `stream_words`): the answer is reported word by word to `on_partial`,
+    `word_delay` seconds apart; `fail_after_words` makes it fail with `fail` after that many words.
+    """
 
     def __init__(self) -> None:
         self.seen: list[list[Turn]] = []
         self.fail: Exception | None = None
         self.answer: str | None = None
         self.gate: asyncio.Event | None = None
+        self.can_stream = False
+        self.stream_words = False
+        self.word_delay = 0.0
+        self.fail_after_words: int | None = None
 
-    async def reply(self, history: Sequence[Turn]) -> str:
+    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str:
         self.seen.append(list(history))
         if self.gate is not None:
             await self.gate.wait()
+        answer = self.answer if self.answer is not None else "re: " + history[-1].text
+        if on_partial is not None and self.can_stream and self.stream_words:
+            words = answer.split(" ")
+            for count in range(1, len(words) + 1):
+                if self.fail is not None and self.fail_after_words is not None and count > self.fail_after_words:
+                    raise self.fail
+                await asyncio.sleep(self.word_delay)
+                on_partial(" ".join(words[:count]).strip())
         if self.fail is not None:
             raise self.fail
-        return self.answer if self.answer is not None else "re: " + history[-1].text
+        return answer
 
     def stats(self):  # pragma: no cover - not used here
         raise NotImplementedError

@@ -6,7 +6,7 @@ import pytest
 
 from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
-from bot.types import Conversation, Turn
+from bot.types import Conversation, Reply, Turn
 from tests.scripted_engine import ScriptedEngine
 
 A = Conversation(1, 100)
@@ -106,3 +106,28 @@ async def test_database_trouble_is_a_notice_or_a_plain_answer(
     monkeypatch.setattr(chat.history, "get", broken)
     reply = await chat.respond(A, 7, "hi")
     assert reply.text == ERROR_TEXT and not reply.ok
+
+
+async def test_partial_replies_reach_the_caller_and_only_the_whole_is_stored(
+    chat: ChatService, scripted_engine: ScriptedEngine
+) -> None:
+    scripted_engine.can_stream = scripted_engine.stream_words = True
+    scripted_engine.answer = "one two three four"
+    assert chat.can_stream
+    partials: list[str] = []
+    reply = await chat.respond(Conversation(5), 1, "count", on_partial=partials.append)
+    assert partials == ["one", "one two", "one two three", "one two three four"]
+    assert reply == Reply("one two three four")
+    assert chat.history.get(Conversation(5)) == [Turn("user", "count"), Turn("bot", "one two three four")]
+
+
+async def test_a_reply_cut_off_mid_stream_is_a_notice_and_stores_nothing(
+    chat: ChatService, scripted_engine: ScriptedEngine
+) -> None:
+    scripted_engine.can_stream = scripted_engine.stream_words = True
+    scripted_engine.answer, scripted_engine.fail, scripted_engine.fail_after_words = "a b c d", GenerationTimeout(), 2
+    partials: list[str] = []
+    reply = await chat.respond(Conversation(6), 1, "go", on_partial=partials.append)
+    assert partials == ["a", "a b"]
+    assert reply == Reply(TIMEOUT_TEXT, ok=False)
+    assert chat.history.get(Conversation(6)) == []

@@ -1,6 +1,7 @@
 """The real engine on a tiny model that the tests build and load through the product's own code."""
 
 import asyncio
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -179,3 +180,21 @@ async def test_thread_survives_a_failing_decode(tiny_model_dir: Path, monkeypatc
             await asyncio.wait_for(engine.reply([Turn("user", "hi")]), timeout=10)
         monkeypatch.undo()
         assert await asyncio.wait_for(engine.reply([Turn("user", "hi")]), timeout=10)
+
+
+async def test_greedy_replies_stream_word_by_word(tiny_model_dir: Path) -> None:
+    async with Engine(engine_config(tiny_model_dir, num_beams=1, min_new_tokens=11, max_new_tokens=11)) as e:
+        assert e.can_stream
+        partials: list[str] = []
+        reply = await e.reply([Turn("user", "hello there")], partials.append)
+        assert len(partials) >= 2, partials
+        assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(partials))
+        assert reply.startswith(partials[-1]) and reply == await e.reply([Turn("user", "hello there")])
+
+
+async def test_beam_search_does_not_stream(tiny_model_dir: Path) -> None:
+    async with Engine(engine_config(tiny_model_dir, num_beams=2)) as e:
+        assert not e.can_stream
+        partials: list[str] = []
+        assert await e.reply([Turn("user", "hello there")], partials.append)
+        assert partials == []

@@ -108,9 +108,13 @@ class RecordingEngine:
         self.engine = engine
         self.seen: list[list[Turn]] = []
 
-    async def reply(self, history: list[Turn]) -> str:
+    async def reply(self, history: list[Turn], on_partial: Any = None) -> str:
         self.seen.append(list(history))
-        return await self.engine.reply(history)
+        return await self.engine.reply(history, on_partial)
+
+    @property
+    def can_stream(self) -> bool:
+        return self.engine.can_stream
 
     def stats(self) -> Any:
         return self.engine.stats()

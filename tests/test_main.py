@@ -202,3 +202,23 @@ def test_log_colours_only_on_a_terminal(tty: bool, monkeypatch: pytest.MonkeyPat
     assert "hello" in stream.getvalue() and ("\x1b[" in stream.getvalue()) == tty
     assert "Retry" not in stream.getvalue()
     assert logging.getLogger("huggingface_hub").handlers == []  # its lines are not written twice
+
+
+@pytest.mark.parametrize("num_beams", ["1", "2"])
+def test_console_prints_the_same_replies_streamed_or_not(tmp_path: Path, tiny_model_dir: Path, num_beams: str) -> None:
+    """Greedy replies are printed as they are written; what ends up on the screen is the same reply."""
+
+    def replies(stream: str) -> list[str]:
+        result = run_bot(
+            tmp_path,
+            "--console",
+            env={"MODEL_NAME": str(tiny_model_dir), "NUM_BEAMS": num_beams, "STREAM_REPLIES": stream}
+            | {"LOG_LEVEL": "WARNING"},
+            stdin="hello there\nwhat do you like to do for fun\n/quit\n",
+        )
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        return [line.split("bot> ", 1)[1] for line in result.stdout.splitlines() if "bot> " in line]
+
+    streamed, whole = replies("true"), replies("false")
+    assert len(whole) == 2 and all(whole)
+    assert streamed == whole

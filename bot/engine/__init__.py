@@ -9,10 +9,11 @@ place is bounded and refuses work when full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,8 +146,17 @@ class Engine:
             self.max_input_tokens,
         )
 
-    async def reply(self, history: Sequence[Turn]) -> str:
-        """Generate the bot's next turn for `history` (oldest first, newest user turn last)."""
+    @property
+    def can_stream(self) -> bool:
+        """Whether replies come out word by word (greedy decoding); beam search settles only at the end."""
+        return self._scheduler is not None and self._scheduler.plan.num_beams == 1
+
+    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str:
+        """Generate the bot's next turn for `history` (oldest first, newest user turn last).
+
+        With `on_partial`, and when the engine can stream, it is called on the event loop with the
+        reply so far each time the model has written more; each text extends the one before.
+        """
         from bot.engine.scheduler import Request
 
         if self._closed or self._scheduler is None:
@@ -165,9 +175,29 @@ class Engine:
                 deadline=now + self.config.generation_timeout_seconds,
                 abandoned=future.cancelled,
                 submitted=now,
+                progress=None if on_partial is None else self._progress(loop, future, on_partial),
             )
         )
         return await future
+
+    def _progress(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str], on_partial: Callable[[str], None]
+    ) -> Callable[[list[int]], None]:
+        """A progress callback for the engine thread: decodes on the event loop, reports new text only."""
+        said = ""
+
+        def report(tokens: list[int]) -> None:
+            nonlocal said
+            if future.done():
+                return  # the final answer (or an error) is already out
+            text = self._tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+            # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
+            if text.endswith("\ufffd") or not text.startswith(said) or not text.strip() or text == said:
+                return
+            said = text
+            on_partial(text.rstrip())
+
+        return lambda tokens: _call_soon(loop, report, tokens)
 
     def stats(self) -> EngineStats:
         scheduler = self._scheduler
@@ -295,6 +325,11 @@ def _settle_from_thread(
     except RuntimeError:  # the loop was closed, e.g. the bot stopped while the model was loading
         return False
     return True
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[list[int]], None], tokens: list[int]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+        loop.call_soon_threadsafe(callback, tokens)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -101,6 +101,11 @@ class Search(Protocol):
         """Decoder tokens so far, the start token included."""
         ...
 
+    @property
+    def streams(self) -> bool:
+        """Whether `result()` mid-search is already part of the final answer (greedy: yes; beams: no)."""
+        ...
+
     def next_tokens(self) -> list[int]: ...
 
     def advance(self, logits: torch.Tensor) -> tuple[list[int] | None, bool]:
@@ -114,6 +119,7 @@ class Search(Protocol):
 
 class GreedySearch:
     rows = 1
+    streams = True
 
     def __init__(self, plan: DecodingPlan, processors: LogitsProcessorList) -> None:
         self.plan = plan
@@ -139,6 +145,8 @@ class GreedySearch:
 
 class BeamSearch:
     """transformers' vectorised beam search (`_beam_search`) for a batch of one request."""
+
+    streams = False  # the best beam can change until the end
 
     def __init__(self, plan: DecodingPlan, processors: LogitsProcessorList) -> None:
         self.plan = plan

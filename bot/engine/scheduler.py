@@ -26,6 +26,7 @@ from bot.engine.seq2seq import Seq2SeqRunner
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[str | None, BaseException | None], None]
+Progress = Callable[[list[int]], None]
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Request:
     deadline: float
     abandoned: Callable[[], bool] = lambda: False
     submitted: float = field(default_factory=time.monotonic)
+    # Called from the engine thread after each step with the tokens chosen so far, for streaming.
+    # Only searches that commit to their tokens as they go (greedy) report progress.
+    progress: Progress | None = None
 
 
 @dataclass
@@ -174,6 +178,8 @@ class Scheduler:
             if rows is not None:
                 order[i * beams : (i + 1) * beams] = [i * beams + r for r in rows]
                 moved = True
+            if entry.request.progress is not None and entry.search.streams and i not in done:
+                entry.request.progress(entry.search.result())
         if moved:
             filled = max(r.search.length for r in running)
             self.runner.reorder_rows(torch.tensor(order, device=self.runner.device), filled)
