@@ -203,9 +203,12 @@ class Scheduler:
         self._retire(late)
 
     def _retire(self, indexes: Sequence[int]) -> None:
+        """Remove these requests from the batch. Highest first: the runner moves its last block into
+        each hole, and that block is never one still to be removed."""
         for i in sorted(indexes, reverse=True):
             self.runner.remove_block(i)
-            del self._running[i]
+            self._running[i] = self._running[-1]
+            self._running.pop()
         self.counters.running = len(self._running)
 
     def _fail_running(self, error: EngineError) -> None:

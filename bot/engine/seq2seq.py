@@ -99,16 +99,21 @@ class Seq2SeqRunner:
         return block
 
     def remove_block(self, block: int) -> None:
-        """Drop a finished block; the blocks after it move down one place, keeping rows packed."""
+        """Drop a finished block: the last block moves into its place, keeping rows packed.
+
+        Moving one block costs one block's copy, where shifting every later block down would cost
+        them all; a row's result does not depend on where in the batch it sits.
+        """
         if not 0 <= block < self.blocks:
             raise IndexError(block)
-        b = self.beams
-        tail_rows = slice((block + 1) * b, self.rows)
-        for slab in (*self.keys, *self.values):
-            slab[block * b : self.rows - b] = slab[tail_rows].clone()
-        for slab in (*self.cross_keys, *self.cross_values, self.cross_mask):
-            slab[block : self.blocks - 1] = slab[block + 1 : self.blocks].clone()
-        self.blocks -= 1
+        last = self.blocks - 1
+        if block != last:
+            b = self.beams
+            for slab in (*self.keys, *self.values):
+                slab[block * b : (block + 1) * b] = slab[last * b : (last + 1) * b]
+            for slab in (*self.cross_keys, *self.cross_values, self.cross_mask):
+                slab[block] = slab[last]
+        self.blocks = last
 
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the self-attention cache of row `order[i]` (beams moving within their block)."""
