@@ -61,9 +61,13 @@ class ChatService:
         user_id: int | None,
         text: str,
         *,
+        speaker: str | None = None,
         on_partial: Callable[[str], None] | None = None,
     ) -> Reply:
         """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
+
+        `speaker` is the display name of the person who said it in a server channel (None in DMs): it
+        is stored with the turn and reaches the engine, so a chat model can tell people apart.
 
         `on_partial`, when the engine can stream, is called with the reply so far as it is written
         (each text extends the one before); the returned `Reply` is still the whole answer, the one
@@ -73,7 +77,7 @@ class ChatService:
         try:
             async with self._locked(conversation.channel_id):
                 try:
-                    turns = self.history.get(conversation) + [Turn("user", text)]
+                    turns = self.history.get(conversation) + [Turn("user", text, speaker)]
                 except sqlite3.Error:
                     log.exception("could not read the history of channel %s", conversation.channel_id)
                     return Reply(ERROR_TEXT, ok=False)
@@ -97,7 +101,7 @@ class ChatService:
                     log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
                     return Reply(answer)
                 try:
-                    self.history.append(conversation, user_id, Turn("user", text), Turn("bot", answer))
+                    self.history.append(conversation, user_id, Turn("user", text, speaker), Turn("bot", answer))
                 except sqlite3.Error:  # the answer is still worth posting
                     log.exception("could not store a reply in channel %s", conversation.channel_id)
                 return Reply(answer)

@@ -2,7 +2,11 @@
 
 WAL mode with `synchronous=NORMAL` keeps every committed turn through a process crash (`kill -9`);
 each append is one transaction, so a file is never left half-written. The schema version lives in
-`PRAGMA user_version` so a later change can migrate it.
+`PRAGMA user_version`; an older file is migrated in place when it is opened (one transaction), a
+newer one is refused.
+
+Versions: 1 is the first schema; 2 adds `speaker`, the display name of whoever said a user turn in a
+server channel (turns stored by version 1 read back with no speaker).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from bot.types import Conversation, Turn
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -28,12 +32,18 @@ CREATE TABLE IF NOT EXISTS turns (
     user_id      INTEGER,          -- the person the turn belongs to: its author, or whom the bot answered
     role         TEXT NOT NULL CHECK (role IN ('user', 'bot')),
     text         TEXT NOT NULL,
-    created_at   REAL NOT NULL
+    created_at   REAL NOT NULL,
+    speaker      TEXT              -- display name of whoever said a user turn in a server channel, else NULL
 );
 CREATE INDEX IF NOT EXISTS turns_by_channel ON turns (channel_id, id);
 CREATE INDEX IF NOT EXISTS turns_by_guild ON turns (guild_id);
 CREATE INDEX IF NOT EXISTS turns_by_user ON turns (user_id);
 """
+
+# version -> the statements that bring a file of the version before it up to it
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE turns ADD COLUMN speaker TEXT",),
+}
 
 
 class HistoryStore:
@@ -54,18 +64,29 @@ class HistoryStore:
             self._db.close()
             raise
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    def _version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise RuntimeError(
                 f"{self.path} was written by a newer version of the bot (schema {version} > {SCHEMA_VERSION})"
             )
-        if version < 1:
-            with self._transaction():
+        return version
+
+    def _migrate(self) -> None:
+        if self._version() == SCHEMA_VERSION:
+            return
+        with self._transaction():
+            version = self._version()  # again, under the write lock: another process may have just migrated it
+            if version < 1:  # a new file: the current schema at once
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        self._db.execute(statement)
+                log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -81,19 +102,24 @@ class HistoryStore:
     def get(self, conversation: Conversation) -> list[Turn]:
         """The kept turns of a conversation, oldest first."""
         rows = self._db.execute(
-            "SELECT role, text FROM (SELECT id, role, text FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)"
+            "SELECT role, text, speaker FROM"
+            " (SELECT id, role, text, speaker FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)"
             " ORDER BY id",
             (conversation.channel_id, self.max_turns),
         ).fetchall()
-        return [Turn(role, text) for role, text in rows]
+        return [Turn(role, text, speaker) for role, text, speaker in rows]
 
     def append(self, conversation: Conversation, user_id: int | None, *turns: Turn) -> None:
         """Store turns in one transaction, then trim the conversation to `max_turns`."""
         now = time.time()
         with self._transaction():
             self._db.executemany(
-                "INSERT INTO turns (channel_id, guild_id, user_id, role, text, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [(conversation.channel_id, conversation.guild_id, user_id, t.role, t.text, now) for t in turns],
+                "INSERT INTO turns (channel_id, guild_id, user_id, role, text, created_at, speaker)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (conversation.channel_id, conversation.guild_id, user_id, t.role, t.text, now, t.speaker)
+                    for t in turns
+                ],
             )
             self._db.execute(
                 "DELETE FROM turns WHERE channel_id = ? AND id NOT IN"

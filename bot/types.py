@@ -10,10 +10,15 @@ Role = Literal["user", "bot"]
 
 @dataclass(frozen=True)
 class Turn:
-    """One message of a conversation, as the model sees it."""
+    """One message of a conversation, as the model sees it.
+
+    `speaker` is the display name of the person who said a user turn in a server channel or thread,
+    so a chat model can tell several people apart; None in DMs and for the bot's own turns.
+    """
 
     role: Role
     text: str
+    speaker: str | None = None
 
 
 @dataclass(frozen=True)

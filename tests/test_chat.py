@@ -131,3 +131,16 @@ async def test_a_reply_cut_off_mid_stream_is_a_notice_and_stores_nothing(
     assert partials == ["a", "a b"]
     assert reply == Reply(TIMEOUT_TEXT, ok=False)
     assert chat.history.get(Conversation(6)) == []
+
+
+async def test_speaker_reaches_the_engine_and_is_stored(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
+    await chat.respond(A, 7, "hi", speaker="Alice")
+    await chat.respond(A, 8, "and me", speaker="Bob")
+    assert scripted_engine.seen[-1] == [
+        Turn("user", "hi", "Alice"),
+        Turn("bot", "re: hi"),
+        Turn("user", "and me", "Bob"),
+    ]
+    assert chat.history.get(A)[-2:] == [Turn("user", "and me", "Bob"), Turn("bot", "re: and me")]
+    await chat.respond(Conversation(9), 7, "in a DM")  # no speaker: none stored
+    assert chat.history.get(Conversation(9))[0] == Turn("user", "in a DM", None)

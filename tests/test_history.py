@@ -127,3 +127,64 @@ def test_kill_9_loses_no_acknowledged_turn(tmp_path: Path) -> None:
     texts = {t.text for c in range(3) for t in store.get(Conversation(c, 100))}
     store.close()
     assert all(f"q{i}" in texts and f"a{i}" in texts for i in range(acknowledged + 1))
+
+
+def test_speaker_round_trip(store: HistoryStore) -> None:
+    store.append(A, 7, Turn("user", "hi all", "Alice"), Turn("bot", "hello Alice"))
+    store.append(DM, 8, Turn("user", "just us"), Turn("bot", "sure"))
+    assert store.get(A) == [Turn("user", "hi all", "Alice"), Turn("bot", "hello Alice")]
+    assert store.get(DM) == [Turn("user", "just us"), Turn("bot", "sure")]
+    assert store.get(A)[0].speaker == "Alice" and store.get(DM)[0].speaker is None
+
+
+# The schema as version 1 of the bot wrote it, before `speaker`.
+SCHEMA_V1 = """
+CREATE TABLE turns (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id   INTEGER NOT NULL,
+    guild_id     INTEGER,
+    user_id      INTEGER,
+    role         TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+    text         TEXT NOT NULL,
+    created_at   REAL NOT NULL
+);
+CREATE INDEX turns_by_channel ON turns (channel_id, id);
+CREATE INDEX turns_by_guild ON turns (guild_id);
+CREATE INDEX turns_by_user ON turns (user_id);
+PRAGMA user_version=1;
+"""
+
+
+def test_version_1_file_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_V1)
+    db.executemany(
+        "INSERT INTO turns (channel_id, guild_id, user_id, role, text, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [(1, 100, 7, "user", "old question", 1.0), (1, 100, 7, "bot", "old answer", 1.0)],
+    )
+    db.commit()
+    db.close()
+
+    store = HistoryStore(path, max_turns=10)
+    assert store.get(A) == [Turn("user", "old question"), Turn("bot", "old answer")]  # kept, with no speaker
+    store.append(A, 8, Turn("user", "new question", "Bob"), Turn("bot", "new answer"))
+    assert store.get(A)[-2:] == [Turn("user", "new question", "Bob"), Turn("bot", "new answer")]
+    assert store.forget_user(7) == 2  # the old columns still work
+    store.close()
+
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert "speaker" in [row[1] for row in db.execute("PRAGMA table_info(turns)")]
+    db.close()
+    reopened = HistoryStore(path, max_turns=10)  # a migrated file opens as it is
+    assert reopened.get(A) == [Turn("user", "new question", "Bob"), Turn("bot", "new answer")]
+    reopened.close()
+
+
+def test_new_file_has_the_current_schema(tmp_path: Path) -> None:
+    HistoryStore(tmp_path / "h.sqlite3", max_turns=4).close()
+    db = sqlite3.connect(tmp_path / "h.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert [row[1] for row in db.execute("PRAGMA table_info(turns)")][-1] == "speaker"
+    db.close()
