@@ -17,6 +17,16 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# The system message a chat model (one with a chat template) gets; BlenderBot has none and ignores it.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly assistant chatting in a Discord server. Several people may talk to you in the same "
+    "conversation; each of their messages starts with the speaker's name and a colon. Answer the latest message "
+    "concisely, without a name in front of your reply. Never ping anyone and never write @everyone or @here."
+)
+# SYSTEM_PROMPT set to this word (any case) means no system message at all. An empty value cannot
+# say that: empty means "the default" for every key, as in .env.example.
+NO_SYSTEM_PROMPT = "none"
+
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message is one line naming the key."""
@@ -44,6 +54,10 @@ class Settings:
     user_cooldown_seconds: float = 3.0
     shutdown_grace_seconds: float = 20.0
     stream_replies: bool = True
+    # Chat models (decoder-only, with a chat template).
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system message
+    context_tokens: int | None = None  # None: the model's own limit, capped at 2048
+    sampling: bool = True  # False: always greedy, whatever the model's generation_config says
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
@@ -108,6 +122,10 @@ def _text(key: str, raw: str) -> str:
     return raw
 
 
+def _system_prompt(key: str, raw: str) -> str:
+    return "" if raw.lower() == NO_SYSTEM_PROMPT else raw
+
+
 # key -> (dataclass field, parser). Empty values count as unset.
 _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "DISCORD_TOKEN": ("discord_token", _token),
@@ -127,6 +145,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "USER_COOLDOWN_SECONDS": ("user_cooldown_seconds", _float(0.0)),
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0.0)),
     "STREAM_REPLIES": ("stream_replies", _bool),
+    "SYSTEM_PROMPT": ("system_prompt", _system_prompt),
+    "CONTEXT_TOKENS": ("context_tokens", _int(256, 131072)),
+    "SAMPLING": ("sampling", _bool),
 }
 
 SETTING_KEYS = tuple(_PARSERS)

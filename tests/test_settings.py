@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import SETTING_KEYS, Settings, SettingsError, load_settings
+from config.settings import DEFAULT_SYSTEM_PROMPT, SETTING_KEYS, Settings, SettingsError, load_settings
 
 
 def test_defaults_without_environment() -> None:
@@ -31,6 +31,10 @@ def test_every_key_parsed() -> None:
             "GENERATION_TIMEOUT_SECONDS": "2.5",
             "USER_COOLDOWN_SECONDS": "0",
             "SHUTDOWN_GRACE_SECONDS": "1",
+            "STREAM_REPLIES": "off",
+            "SYSTEM_PROMPT": "You are a pirate.",
+            "CONTEXT_TOKENS": "4096",
+            "SAMPLING": "no",
         },
         env_file=None,
     )
@@ -41,6 +45,8 @@ def test_every_key_parsed() -> None:
     assert (s.num_beams, s.min_new_tokens, s.max_new_tokens) == (3, 5, 9)
     assert (s.max_batch, s.max_queue) == (4, 7)
     assert s.generation_timeout_seconds == 2.5 and s.user_cooldown_seconds == 0.0
+    assert s.stream_replies is False
+    assert (s.system_prompt, s.context_tokens, s.sampling) == ("You are a pirate.", 4096, False)
 
 
 def test_empty_values_mean_default() -> None:
@@ -59,6 +65,10 @@ def test_empty_values_mean_default() -> None:
         ("MAX_BATCH", "0"),
         ("GENERATION_TIMEOUT_SECONDS", "nan"),
         ("DISCORD_TOKEN", "two words"),
+        ("CONTEXT_TOKENS", "255"),
+        ("CONTEXT_TOKENS", "131073"),
+        ("CONTEXT_TOKENS", "2k"),
+        ("SAMPLING", "sometimes"),
     ],
 )
 def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
@@ -84,3 +94,29 @@ def test_env_example_documents_every_key() -> None:
     example = (Path(__file__).parent.parent / ".env.example").read_text()
     documented = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line and not line.startswith("#")}
     assert documented == set(SETTING_KEYS)
+
+
+def test_chat_model_defaults() -> None:
+    s = load_settings({}, env_file=None)
+    assert s.system_prompt == DEFAULT_SYSTEM_PROMPT and s.context_tokens is None and s.sampling is True
+    assert "Discord" in s.system_prompt and "@everyone" in s.system_prompt
+    assert load_settings({"CONTEXT_TOKENS": "256"}, env_file=None).context_tokens == 256
+    assert load_settings({"CONTEXT_TOKENS": "131072"}, env_file=None).context_tokens == 131072
+
+
+@pytest.mark.parametrize("raw", ["none", "None", "NONE", "  none  "])
+def test_system_prompt_none_means_no_system_message(raw: str) -> None:
+    assert load_settings({"SYSTEM_PROMPT": raw}, env_file=None).system_prompt == ""
+
+
+@pytest.mark.parametrize("raw", ["", "   "])
+def test_empty_system_prompt_keeps_the_default(raw: str) -> None:
+    assert load_settings({"SYSTEM_PROMPT": raw}, env_file=None).system_prompt == DEFAULT_SYSTEM_PROMPT
+
+
+def test_system_prompt_from_env_file_verbatim(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text('SYSTEM_PROMPT="You are Bob.\\nAnswer in French, # not a comment."\n')
+    assert load_settings({}, env_file=env).system_prompt == "You are Bob.\nAnswer in French, # not a comment."
+    env.write_text("SYSTEM_PROMPT=none\n")
+    assert load_settings({}, env_file=env).system_prompt == ""
