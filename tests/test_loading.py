@@ -36,12 +36,30 @@ def test_wrong_kinds_of_local_path(tmp_path: Path) -> None:
         check_model_name("not a model")
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "bart"])  # decoder-only, and an encoder-decoder of another kind
-def test_a_local_model_of_the_wrong_kind_is_refused_before_its_weights_load(tmp_path: Path, model_type: str) -> None:
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("gpt2", r"it is a 'gpt2' model; this engine steps decoder-only llama, qwen2, qwen3 models"),
+        (
+            "bart",
+            r"it is a bart model; of the encoder-decoder models this bot runs BlenderBot \(model_type blenderbot\)",
+        ),
+    ],
+)
+def test_a_local_model_of_the_wrong_kind_is_refused_before_its_weights_load(
+    tmp_path: Path, model_type: str, expected: str
+) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
-    expected = rf"^it is a {model_type} model; this bot runs BlenderBot models \(model_type blenderbot\)$"
-    with pytest.raises(NotAChatModel, match=expected):
+    with pytest.raises(NotAChatModel, match=f"^{expected}$"):
         load_tokenizer_and_model(str(tmp_path))
+
+
+def test_a_chat_model_without_a_chat_template_is_refused(tmp_path: Path) -> None:
+    from tests.tiny_causal_model import build_tiny_causal_model
+
+    model_dir = build_tiny_causal_model(tmp_path / "model", chat_template=None)
+    with pytest.raises(NotAChatModel, match=r"^it has no chat template, so there is no way to turn a conversation"):
+        load_tokenizer_and_model(str(model_dir))
 
 
 def test_a_hub_model_not_in_the_cache_is_not_downloaded_offline() -> None:

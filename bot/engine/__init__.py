@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 # Attention caches of an int8 model stay fp32 up to this size (greedy decoding, small batches), and
 # are bf16 beyond it (10 beams x 8 replies: 0.7 GB as fp32), which keeps serving under 1.5 GB RSS.
 FP32_CACHE_LIMIT_BYTES = 256 << 20
+# A chat model's context window, unless CONTEXT_TOKENS says otherwise: the model's own limit (32K for
+# Qwen2.5) capped here. On a CPU a 2,048-token prompt already takes seconds to read in, and every
+# reply attends over the whole window, so a longer default would slow every answer for history
+# that a chat in a Discord channel rarely needs.
+DEFAULT_CONTEXT_TOKENS = 2048
+# The longest chat-model reply when the model's generation_config sets no length (Discord shows
+# 2000 characters per message; 256 tokens is about 1000 characters of English).
+DEFAULT_REPLY_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,10 @@ class EngineConfig:
     max_batch: int = 8
     max_queue: int = 32
     generation_timeout_seconds: float = 60.0
+    # Chat-template (decoder-only) models only:
+    system_prompt: str = ""
+    context_tokens: int | None = None  # None: the model's own limit, capped at DEFAULT_CONTEXT_TOKENS
+    sampling: bool = True  # False: always greedy, whatever the model's generation_config says
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
@@ -63,6 +75,9 @@ class EngineConfig:
             max_batch=settings.max_batch,
             max_queue=settings.max_queue,
             generation_timeout_seconds=settings.generation_timeout_seconds,
+            system_prompt=settings.system_prompt,
+            context_tokens=settings.context_tokens,
+            sampling=settings.sampling,
         )
 
 
@@ -99,6 +114,7 @@ class Engine:
         self.precision = config.precision
         self.max_input_tokens = 0
         self._tokenizer: Any = None
+        self._chat_template = False  # a decoder-only model, prompted through its chat template
         self._model: Any = None
         self._generation_config: Any = None
         self._scheduler: Any = None  # a bot.engine.scheduler.Scheduler once loaded
@@ -138,7 +154,12 @@ class Engine:
     # ----- requests ----------------------------------------------------------------------------
 
     def encode_prompt(self, history: Sequence[Turn]) -> list[int]:
+        """The prompt's token ids: BlenderBot's format, or the model's chat template, cut to fit."""
         tok = self._tokenizer
+        if self._chat_template:
+            from bot.engine.chat_prompt import build_chat_ids
+
+            return build_chat_ids(tok, history, system_prompt=self.config.system_prompt, budget=self.max_input_tokens)
         return build_input_ids(
             history,
             lambda text: tok(text, add_special_tokens=False)["input_ids"],
@@ -190,7 +211,7 @@ class Engine:
             nonlocal said
             if future.done():
                 return  # the final answer (or an error) is already out
-            text = self._tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+            text = self._visible(self._tokenizer.decode(tokens, skip_special_tokens=True)).lstrip()
             # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
             if text.endswith("\ufffd") or not text.startswith(said) or not text.strip() or text == said:
                 return
@@ -234,11 +255,10 @@ class Engine:
         scheduler.run()
 
     def _load(self) -> Any:
-        import torch
-
+        from bot.engine.causal import CausalRunner
         from bot.engine.decoding import DecodingPlan
         from bot.engine.device import limit_heap_fragmentation, prepare_model, resolve_device, resolve_precision
-        from bot.engine.scheduler import Scheduler
+        from bot.engine.scheduler import Runner, Scheduler
         from bot.engine.seq2seq import Seq2SeqRunner
 
         started = time.monotonic()
@@ -251,54 +271,92 @@ class Engine:
         except ModelLoadError as exc:
             raise EngineError(str(exc)) from None
         model, self.precision = prepare_model(model, self.device, precision)
-        self.max_input_tokens = int(model.config.max_position_embeddings)
+        config, blocks = model.config, self.config.max_batch
         self._model = model
-        self._generation_config = gen = self._build_generation_config(model)
-        plan = DecodingPlan.from_generation_config(gen, self.max_input_tokens)
-        cache_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        if cache_dtype is None:  # int8: fp32 caches are faster on the CPU, bf16 ones half the size
-            fp32_bytes = Seq2SeqRunner.cache_size(model.config, self.config.max_batch, plan.num_beams, plan.max_length)
-            cache_dtype = torch.float32 if fp32_bytes <= FP32_CACHE_LIMIT_BYTES else torch.bfloat16
-        runner = Seq2SeqRunner(
-            model,
-            max_blocks=self.config.max_batch,
-            beams=plan.num_beams,
-            max_length=plan.max_length,
-            cache_dtype=cache_dtype,
-        )
-        decode = self._tokenizer.decode
-        scheduler = Scheduler(
-            runner, plan, gen, lambda ids: decode(ids, skip_special_tokens=True), max_queue=self.config.max_queue
-        )
+        self._chat_template = not config.is_encoder_decoder
+        # BlenderBot's encoder and decoder have the same positions; a chat model's window holds both
+        # the prompt and the reply.
+        positions = int(config.max_position_embeddings) if config.is_encoder_decoder else self._context_tokens(config)
+        self._generation_config = gen = self._build_generation_config(model, positions)
+        plan = DecodingPlan.from_generation_config(gen, positions)
+        runner: Runner
+        if config.is_encoder_decoder:
+            self.max_input_tokens = positions
+            fp32_bytes = Seq2SeqRunner.cache_size(config, blocks, plan.num_beams, plan.max_length)
+            dtype = self._cache_dtype(fp32_bytes)
+            runner = Seq2SeqRunner(
+                model, max_blocks=blocks, beams=plan.num_beams, max_length=plan.max_length, cache_dtype=dtype
+            )
+        else:
+            self.max_input_tokens = positions - (plan.max_length - 1)
+            dtype = self._cache_dtype(CausalRunner.cache_size(config, blocks, positions))
+            runner = CausalRunner(model, max_blocks=blocks, max_length=positions, cache_dtype=dtype)
+        scheduler = Scheduler(runner, plan, gen, self._text, max_queue=self.config.max_queue)
         log.info(
-            "model ready in %.1fs: %s beams, %s-%s new tokens, up to %d replies at once (%.0f MB of attention caches)",
+            "model ready in %.1fs: %s, %s-%s new tokens, prompts up to %d tokens, up to %d replies at once "
+            "(%.0f MB of attention caches)",
             time.monotonic() - started,
-            plan.num_beams,
+            f"{plan.num_beams} beams" if plan.num_beams > 1 else ("sampling" if plan.sample else "greedy"),
             max(plan.min_length - 1, 0),
             plan.max_length - 1,
-            self.config.max_batch,
+            self.max_input_tokens,
+            blocks,
             runner.cache_bytes() / 1e6,
         )
         return scheduler
 
-    def _build_generation_config(self, model: Any) -> Any:
+    def _text(self, ids: list[int]) -> str:
+        """A finished reply's text, as posted and stored."""
+        return self._visible(self._tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    def _visible(self, text: str) -> str:
+        """What of a reply may be shown: a chat model's `<think>` blocks never are."""
+        if not self._chat_template:
+            return text
+        from bot.engine.chat_prompt import visible_so_far
+
+        return visible_so_far(text)
+
+    def _cache_dtype(self, fp32_bytes: int) -> Any:
+        import torch
+
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        if dtype is not None:
+            return dtype
+        # int8: fp32 caches are faster on the CPU, bf16 ones half the size
+        return torch.float32 if fp32_bytes <= FP32_CACHE_LIMIT_BYTES else torch.bfloat16
+
+    def _context_tokens(self, config: Any) -> int:
+        limit = int(config.max_position_embeddings)
+        wanted = self.config.context_tokens or min(limit, DEFAULT_CONTEXT_TOKENS)
+        if wanted > limit:
+            log.warning("CONTEXT_TOKENS capped at %d, the model's own limit", limit)
+        return min(wanted, limit)
+
+    def _build_generation_config(self, model: Any, positions: int) -> Any:
         """The model's own generation_config with the settings' overrides, installed on the model.
 
         An override of the reply length replaces the model's min/max_length instead of sitting
-        beside it (transformers warns on every call when both are set).
+        beside it (transformers warns on every call when both are set). `positions` caps the reply:
+        BlenderBot's decoder positions, or half a chat model's context window.
         """
         gen = model.generation_config
         gen = gen.__class__.from_dict(gen.to_dict())
+        chat = not model.config.is_encoder_decoder
         if self.config.num_beams is not None:
             gen.num_beams = self.config.num_beams
+        if chat and (gen.num_beams or 1) > 1:
+            log.warning("chat models decode one row per reply (greedy or sampling); NUM_BEAMS is ignored")
+            gen.num_beams = 1
         if self.config.min_new_tokens is not None:
             gen.min_new_tokens, gen.min_length = self.config.min_new_tokens, None
         if self.config.max_new_tokens is not None:
             gen.max_new_tokens, gen.max_length = self.config.max_new_tokens, None
-        # The decoder has as many positions as the encoder; never ask for more.
-        limit = int(model.config.max_position_embeddings) - 1
+        elif chat and gen.max_new_tokens is None:  # a chat model's max_length counts its prompt too
+            gen.max_new_tokens, gen.max_length = DEFAULT_REPLY_TOKENS, None
+        limit = positions // 2 if chat else positions - 1
         if (gen.max_new_tokens or 0) > limit or (gen.max_length or 0) > limit + 1:
-            log.warning("reply length capped at %d tokens (the model's positions)", limit)
+            log.warning("reply length capped at %d tokens (%s)", limit, "half the context" if chat else "positions")
             if gen.max_new_tokens is not None:
                 gen.max_new_tokens = min(gen.max_new_tokens, limit)
             if gen.max_length is not None:
@@ -309,8 +367,9 @@ class Engine:
         if gen.num_beams == 1:
             gen.length_penalty = 1.0
             gen.early_stopping = False
-        if gen.do_sample:
-            log.warning("this engine decodes BlenderBot without sampling; do_sample in the model's config is ignored")
+        if gen.do_sample and not (chat and self.config.sampling):
+            if not chat:
+                log.warning("this engine decodes BlenderBot without sampling; do_sample in its config is ignored")
             gen.do_sample = False
         model.generation_config = gen
         return gen

@@ -20,10 +20,14 @@ from transformers import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 _NEG = -1.0e9  # transformers' "impossible" score in beam search
@@ -34,13 +38,16 @@ class DecodingPlan:
     """The generation settings every request shares, normalised from a `GenerationConfig`."""
 
     num_beams: int
-    max_length: int  # decoder tokens including the start token, as generate() counts them
+    # Lengths count a request's tokens from its last prompt token on (BlenderBot: from the decoder's
+    # start token, as generate() counts them): the reply's tokens plus one.
+    max_length: int
     min_length: int  # likewise; 0 for none
     length_penalty: float
     early_stopping: bool | str
     eos_ids: tuple[int, ...]
     pad_id: int
-    start_id: int
+    start_id: int  # the decoder's start token (encoder-decoder models only)
+    sample: bool = False
 
     @classmethod
     def from_generation_config(cls, gen: Any, positions: int) -> DecodingPlan:
@@ -58,33 +65,50 @@ class DecodingPlan:
             early_stopping=gen.early_stopping if gen.early_stopping is not None else False,
             eos_ids=eos_ids,
             pad_id=int(pad),
-            start_id=int(gen.decoder_start_token_id),
+            start_id=int(gen.decoder_start_token_id if gen.decoder_start_token_id is not None else pad),
+            sample=bool(gen.do_sample),
         )
 
 
-def logits_processors(gen: Any, plan: DecodingPlan, encoder_ids: list[int]) -> LogitsProcessorList:
-    """transformers' processors for this request, in the order `generate()` applies them."""
+def logits_processors(
+    gen: Any, plan: DecodingPlan, encoder_ids: list[int] | None, prefix_length: int = 1
+) -> LogitsProcessorList:
+    """transformers' processors (and warpers, when sampling) for one request, in `generate()`'s order.
+
+    `prefix_length`: the tokens the search starts from (1, the start token, for BlenderBot; the whole
+    prompt for a decoder-only model), as lengths count them.
+    """
+    shift = prefix_length - 1
     eos = list(plan.eos_ids)
     processors = LogitsProcessorList()
     if gen.repetition_penalty is not None and gen.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
     if gen.no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
-    if gen.encoder_no_repeat_ngram_size:
+    if gen.encoder_no_repeat_ngram_size and encoder_ids is not None:
         processors.append(EncoderNoRepeatNGramLogitsProcessor(gen.encoder_no_repeat_ngram_size, _long([encoder_ids])))
     if gen.bad_words_ids is not None:
         processors.append(NoBadWordsLogitsProcessor(gen.bad_words_ids, eos))
     if eos and gen.min_new_tokens is None and gen.min_length:
         processors.append(MinLengthLogitsProcessor(gen.min_length, eos))
     if eos and gen.min_new_tokens:
-        processors.append(MinLengthLogitsProcessor(plan.min_length, eos))
-        processors.append(MinNewTokensLengthLogitsProcessor(1, gen.min_new_tokens, eos))
+        processors.append(MinLengthLogitsProcessor(plan.min_length + shift, eos))
+        processors.append(MinNewTokensLengthLogitsProcessor(prefix_length, gen.min_new_tokens, eos))
     if gen.forced_bos_token_id is not None:
         processors.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
     if gen.forced_eos_token_id is not None:
-        processors.append(ForcedEOSTokenLogitsProcessor(plan.max_length, gen.forced_eos_token_id))
+        processors.append(ForcedEOSTokenLogitsProcessor(plan.max_length + shift, gen.forced_eos_token_id))
     if gen.suppress_tokens is not None:
         processors.append(SuppressTokensLogitsProcessor(gen.suppress_tokens))
+    if plan.sample:
+        if gen.temperature is not None and gen.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(gen.temperature))
+        if gen.top_k is not None and gen.top_k != 0:
+            processors.append(TopKLogitsWarper(top_k=gen.top_k, min_tokens_to_keep=1))
+        if gen.top_p is not None and gen.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=gen.top_p, min_tokens_to_keep=1))
+        if gen.min_p is not None:
+            processors.append(MinPLogitsWarper(min_p=gen.min_p, min_tokens_to_keep=1))
     return processors
 
 
@@ -118,13 +142,27 @@ class Search(Protocol):
 
 
 class GreedySearch:
+    """generate()'s greedy search (or, when the plan samples, its multinomial sampling) for one request.
+
+    `prefix`: the tokens it starts from (BlenderBot's decoder start token, or a chat model's prompt).
+    """
+
     rows = 1
     streams = True
 
-    def __init__(self, plan: DecodingPlan, processors: LogitsProcessorList) -> None:
+    def __init__(
+        self,
+        plan: DecodingPlan,
+        processors: LogitsProcessorList,
+        prefix: list[int],
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.plan = plan
         self.processors = processors
-        self.tokens = [plan.start_id]
+        self.tokens = list(prefix)
+        self.start = len(prefix)
+        self.max_length = plan.max_length + len(prefix) - 1
+        self.generator = generator
 
     @property
     def length(self) -> int:
@@ -135,12 +173,16 @@ class GreedySearch:
 
     def advance(self, logits: torch.Tensor) -> tuple[list[int] | None, bool]:
         scores = self.processors(_long([self.tokens]), logits)
-        token = int(torch.argmax(scores, dim=-1)[0])
+        if self.plan.sample:
+            probabilities = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probabilities, num_samples=1, generator=self.generator)[0, 0])
+        else:
+            token = int(torch.argmax(scores, dim=-1)[0])
         self.tokens.append(token)
-        return None, token in self.plan.eos_ids or len(self.tokens) >= self.plan.max_length
+        return None, token in self.plan.eos_ids or len(self.tokens) >= self.max_length
 
     def result(self) -> list[int]:
-        return self.tokens[1:]
+        return self.tokens[self.start :]
 
 
 class BeamSearch:
@@ -224,5 +266,10 @@ def _long(ids: list[list[int]]) -> torch.LongTensor:
     return cast(torch.LongTensor, torch.tensor(ids, dtype=torch.long))
 
 
-def new_search(plan: DecodingPlan, processors: LogitsProcessorList) -> GreedySearch | BeamSearch:
-    return BeamSearch(plan, processors) if plan.num_beams > 1 else GreedySearch(plan, processors)
+def new_search(
+    plan: DecodingPlan, processors: LogitsProcessorList, prefix: list[int], generator: torch.Generator | None = None
+) -> GreedySearch | BeamSearch:
+    """Beam search when the plan has beams (BlenderBot, which starts from its one start token)."""
+    if plan.num_beams > 1:
+        return BeamSearch(plan, processors)
+    return GreedySearch(plan, processors, prefix, generator)

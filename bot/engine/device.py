@@ -57,7 +57,9 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
     `RowwiseInt8Linear` (bot/engine/int8.py): int8 weights per output channel, activations quantized per
     row so a reply does not depend on what else is in the batch. Linears are swapped one at a time
     and the fp32 pages of each are dropped as soon as it is quantized, so the fp32 model is never
-    fully resident.
+    fully resident. A decoder-only model whose output layer shares the embedding matrix (Qwen2.5:
+    136M of its 494M parameters) also looks its input embeddings up in int8 rows, so that matrix
+    is never kept in fp32 beside its int8 copy.
     """
     import gc
 
@@ -67,10 +69,12 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
         log.warning("this torch build cannot quantize to int8; falling back to bf16")
         precision = "bf16"
     if precision == "int8":
-        from bot.engine.int8 import detach_from_files_, quantize_linears_
+        from bot.engine.int8 import Int8Embedding, detach_from_files_, quantize_linears_
 
         with torch.no_grad():
             quantize_linears_(model)
+            if not model.config.is_encoder_decoder and model.config.tie_word_embeddings:
+                model.set_input_embeddings(Int8Embedding(model.get_input_embeddings().weight))
             detach_from_files_(model)
         gc.collect()  # closes the mapped checkpoint once nothing points into it
     elif precision == "bf16":

@@ -76,6 +76,32 @@ class RowwiseInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rowwise"
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table kept as int8 rows with one scale per row; looked-up rows come back in fp32."""
+
+    table: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, chunk_rows: int = 8192) -> None:
+        super().__init__()
+        rows, self.embedding_dim = int(weight.shape[0]), int(weight.shape[1])
+        table = torch.empty(rows, self.embedding_dim, dtype=torch.int8)
+        scale = torch.empty(rows)
+        for start in range(0, rows, chunk_rows):  # in slices, so no fp32 temporary of the whole table
+            part = weight[start : start + chunk_rows].detach().float()
+            part_scale = part.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            table[start : start + chunk_rows] = torch.round(part / part_scale[:, None]).to(torch.int8)
+            scale[start : start + chunk_rows] = part_scale
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids].float() * self.scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.table.shape[0]}, {self.embedding_dim}, int8 rows"
+
+
 def _file_ranges() -> list[tuple[int, int]]:
     """Address ranges of this process's file-backed mappings (private or shared)."""
     ranges = []

@@ -24,7 +24,7 @@ class ModelLoadError(RuntimeError):
 
 
 class NotAChatModel(ModelLoadError):
-    """The model exists but is not a BlenderBot model (found from its config, before any weights)."""
+    """The model exists but is not one this bot can chat with (found before any weights load)."""
 
 
 def looks_like_path(name: str) -> bool:
@@ -65,7 +65,10 @@ def check_model_name(name: str) -> str:
 
 
 def load_tokenizer_and_model(model_name: str) -> tuple[Any, Any]:
-    """The tokenizer and the fp32 seq2seq model, from a local folder, the hub cache, or the hub.
+    """The tokenizer and the fp32 model, from a local folder, the hub cache, or the hub.
+
+    BlenderBot loads as a seq2seq model; a decoder-only model of a family the engine steps (see
+    `bot/engine/causal.py`) loads as a causal language model, and must come with a chat template.
 
     A `ModelLoadError` says why not in words that follow "Could not load the model 'NAME': ".
     """
@@ -84,16 +87,30 @@ def load_tokenizer_and_model(model_name: str) -> tuple[Any, Any]:
 
 def _load(name: str, *, local_files_only: bool, failed: str = "") -> tuple[Any, Any]:
     import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from bot.engine.causal import UnsupportedModel, check_supported
 
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
-        if config.model_type != "blenderbot":
+        if config.is_encoder_decoder and config.model_type != "blenderbot":
             raise NotAChatModel(
-                f"it is a {config.model_type} model; this bot runs BlenderBot models (model_type blenderbot)"
+                f"it is a {config.model_type} model; of the encoder-decoder models this bot runs BlenderBot "
+                "(model_type blenderbot)"
             )
+        if not config.is_encoder_decoder:
+            try:
+                check_supported(config)
+            except UnsupportedModel as exc:
+                raise NotAChatModel(f"it {exc}") from None
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
-        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_files_only)
+        if config.is_encoder_decoder:
+            auto: Any = AutoModelForSeq2SeqLM
+        elif getattr(tokenizer, "chat_template", None):
+            auto = AutoModelForCausalLM
+        else:
+            raise NotAChatModel("it has no chat template, so there is no way to turn a conversation into its prompt")
+        model = auto.from_pretrained(name, dtype=torch.float32, local_files_only=local_files_only)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(failed + one_line(exc)) from exc
     return tokenizer, model

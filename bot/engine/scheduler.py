@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from bot.engine.decoding import DecodingPlan, Search, logits_processors, new_search
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
-from bot.engine.seq2seq import Seq2SeqRunner
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,32 @@ class LoopCounters:
 _STOP = object()
 
 
+class Runner(Protocol):
+    """A model stepped one token at a time over packed rows: `Seq2SeqRunner` or `CausalRunner`."""
+
+    encoder_decoder: bool
+    max_blocks: int
+    beams: int
+    device: torch.device
+
+    @property
+    def rows(self) -> int: ...
+
+    def add_block(self, input_ids: list[int]) -> int: ...
+
+    def remove_block(self, block: int) -> None: ...
+
+    def reorder_rows(self, order: torch.Tensor, filled: int) -> None: ...
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+
 class Scheduler:
-    """Admits, steps and retires requests on one `Seq2SeqRunner`; `run()` is the thread's body."""
+    """Admits, steps and retires requests on one `Runner`; `run()` is the thread's body."""
 
     def __init__(
         self,
-        runner: Seq2SeqRunner,
+        runner: Runner,
         plan: DecodingPlan,
         generation_config: Any,
         decode: Callable[[list[int]], str],
@@ -85,6 +105,7 @@ class Scheduler:
         self.closing = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._running: list[_Running] = []
+        self._seeds = random.Random()  # each sampled reply draws from a generator of its own
 
     @property
     def waiting(self) -> int:
@@ -138,8 +159,13 @@ class Scheduler:
                 log.exception("could not start a reply")
                 self._finish(item, None, EngineError(f"generation failed: {exc}"))
                 continue
-            processors = logits_processors(self.generation_config, self.plan, item.input_ids)
-            self._running.append(_Running(item, new_search(self.plan, processors)))
+            if self.runner.encoder_decoder:  # the decoder starts from its start token, beside the prompt
+                prefix, encoder_ids = [self.plan.start_id], item.input_ids
+            else:  # the decoder continues the prompt
+                prefix, encoder_ids = item.input_ids, None
+            processors = logits_processors(self.generation_config, self.plan, encoder_ids, len(prefix))
+            generator = torch.Generator().manual_seed(self._seeds.randrange(2**63)) if self.plan.sample else None
+            self._running.append(_Running(item, new_search(self.plan, processors, prefix, generator)))
             self.counters.running = len(self._running)
             self.counters.queue_waits.append(now - item.submitted)
         return True

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from bot.engine.attention import attend
+
 
 class UnsupportedModel(ValueError):
     """The checkpoint is an encoder-decoder this engine does not know how to step."""
@@ -24,6 +26,8 @@ class UnsupportedModel(ValueError):
 
 class Seq2SeqRunner:
     """Owns the per-row self-attention slabs and per-block cross-attention slabs of one model."""
+
+    encoder_decoder = True
 
     def __init__(self, model: Any, *, max_blocks: int, beams: int, max_length: int, cache_dtype: torch.dtype) -> None:
         config = model.config
@@ -138,7 +142,7 @@ class Seq2SeqRunner:
             query = self._heads(attention.q_proj(x))  # [rows, heads, head_dim]
             keys[row_index, :, positions] = self._heads(attention.k_proj(x)).to(self.cache_dtype)
             values[row_index, :, positions] = self._heads(attention.v_proj(x)).to(self.cache_dtype)
-            out = self._attend(query[:, :, None], keys[:rows], values[:rows], self_mask)  # [rows, heads, 1, hd]
+            out = attend(query[:, :, None], keys[:rows], values[:rows], self_mask, self.scaling)  # [rows, heads, 1, hd]
             hidden = hidden + attention.out_proj(out.reshape(rows, -1).to(hidden.dtype))
 
             attention = layer.encoder_attn
@@ -146,8 +150,12 @@ class Seq2SeqRunner:
             query = self._heads(attention.q_proj(x))
             # The beams of one block share its encoder keys and values: they are that block's queries.
             query = query.view(self.blocks, self.beams, self.heads, self.head_dim).transpose(1, 2)
-            out = self._attend(
-                query, cross_keys[: self.blocks], cross_values[: self.blocks], self.cross_mask[: self.blocks]
+            out = attend(
+                query,
+                cross_keys[: self.blocks],
+                cross_values[: self.blocks],
+                self.cross_mask[: self.blocks],
+                self.scaling,
             )  # [blocks, heads, beams, hd]
             out = out.transpose(1, 2).reshape(rows, -1)
             hidden = hidden + attention.out_proj(out.to(hidden.dtype))
@@ -162,15 +170,3 @@ class Seq2SeqRunner:
         """[..., d_model] -> [..., heads, head_dim]; for a [1, S, d] encoder output, [1, heads, S, hd]."""
         split = states.view(*states.shape[:-1], self.heads, self.head_dim)
         return split.transpose(1, 2) if states.dim() == 3 else split
-
-    def _attend(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Softmax attention of `query` over `keys`/`values` where `mask` is True.
-
-        Written out rather than through `scaled_dot_product_attention`, whose CPU kernels are several
-        times slower at these shapes (one query per row, short key slabs), bf16 most of all.
-        """
-        scores = torch.matmul(query.to(self.cache_dtype), keys.transpose(-1, -2)).float() * self.scaling
-        weights = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
-        return torch.matmul(weights.to(self.cache_dtype), values)

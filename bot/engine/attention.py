@@ -1,0 +1,19 @@
+"""Attention of one new token per row over a fixed-length, masked slab of keys and values."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax attention of `query` over `keys`/`values` where `mask` is True, in the keys' dtype.
+
+    Written out rather than through `scaled_dot_product_attention`, whose CPU kernels are several
+    times slower at these shapes (a few queries per row, short key slabs), bf16 most of all. The
+    scores and the softmax are fp32 whatever the cache's dtype.
+    """
+    scores = torch.matmul(query.to(keys.dtype), keys.transpose(-1, -2)).float() * scaling
+    weights = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
+    return torch.matmul(weights.to(values.dtype), values)

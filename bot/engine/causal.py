@@ -1,0 +1,151 @@
+"""Decoder-only chat models (Llama, Qwen2, Qwen3 families), one decoding step at a time over every row.
+
+The counterpart of `seq2seq.py` for models without an encoder. A *block* is one request, one row
+(chat models decode greedily or by sampling, never with beams). When a request joins, its prompt
+minus the last token runs through the model alone and unpadded (the prefill); its keys and values
+go into the row's slab. Every step then feeds each row its newest token, the first time the
+prompt's last token, so a step is the same batched pass for a new row and an old one.
+
+Batch invariance: every row attends over a slab of the same fixed length (the context window),
+masked past its own position, so what a row computes never depends on the other rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bot.engine.attention import attend
+
+# model_type -> whether its attention normalises queries and keys per head (Qwen3)
+SUPPORTED = {"llama": False, "qwen2": False, "qwen3": True}
+
+
+class UnsupportedModel(ValueError):
+    """A decoder-only checkpoint this engine does not know how to step."""
+
+
+def check_supported(config: Any) -> None:
+    """Raise `UnsupportedModel` unless this engine can step a model with `config`."""
+    if config.model_type not in SUPPORTED:
+        families = ", ".join(sorted(SUPPORTED))
+        raise UnsupportedModel(f"is a {config.model_type!r} model; this engine steps decoder-only {families} models")
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        raise UnsupportedModel("uses sliding-window attention, which this engine does not support")
+
+
+class CausalRunner:
+    """Owns the per-row key/value slabs of one decoder-only model."""
+
+    encoder_decoder = False
+
+    def __init__(self, model: Any, *, max_blocks: int, max_length: int, cache_dtype: torch.dtype) -> None:
+        config = model.config
+        check_supported(config)
+        self.model = model
+        self.body = model.model
+        self.norms_heads = SUPPORTED[config.model_type]
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.groups = self.heads // self.kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.beams = 1
+        self.max_blocks = max_blocks
+        self.max_length = max_length  # positions a row may fill: prompt and reply
+        self.device = next(model.parameters()).device
+        self.cache_dtype = cache_dtype
+        shape = (max_blocks, self.kv_heads, max_length, self.head_dim)
+        layers = len(self.body.layers)
+        # Zeroed, not empty: masked slots are multiplied by a zero weight, and 0 * NaN would be NaN.
+        self.keys = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
+        self._slots = torch.arange(max_length, device=self.device)
+        self.blocks = 0
+
+    @staticmethod
+    def cache_size(config: Any, max_blocks: int, max_length: int, element_size: int = 4) -> int:
+        """Bytes of the key/value slabs for these limits."""
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        return 2 * int(config.num_hidden_layers) * max_blocks * kv_heads * max_length * head_dim * element_size
+
+    @property
+    def rows(self) -> int:
+        return self.blocks
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    # ----- blocks joining and leaving ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def add_block(self, input_ids: list[int]) -> int:
+        """Prefill one request's prompt (all but its last token, which the next step feeds)."""
+        if self.blocks >= self.max_blocks:
+            raise RuntimeError("no free block")
+        if not 0 < len(input_ids) < self.max_length:
+            raise ValueError(f"a prompt must have 1 to {self.max_length - 1} tokens, got {len(input_ids)}")
+        block = self.blocks
+        prefix = len(input_ids) - 1
+        if prefix:
+            ids = torch.tensor([input_ids[:-1]], device=self.device)
+            cache = self.body(input_ids=ids, use_cache=True).cache
+            for keys, values, layer in zip(self.keys, self.values, cache.layers, strict=True):
+                keys[block, :, :prefix] = layer.keys[0]
+                values[block, :, :prefix] = layer.values[0]
+        self.blocks += 1
+        return block
+
+    def remove_block(self, block: int) -> None:
+        """Drop a finished block: the last block moves into its place, keeping rows packed."""
+        if not 0 <= block < self.blocks:
+            raise IndexError(block)
+        last = self.blocks - 1
+        if block != last:
+            for slab in (*self.keys, *self.values):
+                slab[block] = slab[last]
+        self.blocks = last
+
+    def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
+        """Row i takes the cache of row `order[i]` (never needed while every request has one row)."""
+        for slab in (*self.keys, *self.values):
+            slab[: self.rows, :, :filled] = slab[order, :, :filled]
+
+    # ----- one decoding step --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed each active row its newest token at its position; returns fp32 logits [rows, vocab]."""
+        rows = self.rows
+        body = self.body
+        row_index = torch.arange(rows, device=self.device)
+        hidden = body.embed_tokens(tokens)
+        cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
+        mask = (self._slots[None, :] <= positions[:, None])[:, None, None, :]  # [rows, 1, 1, slots]
+        for layer, keys, values in zip(body.layers, self.keys, self.values, strict=True):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            query = attention.q_proj(x).view(rows, self.heads, self.head_dim)
+            key = attention.k_proj(x).view(rows, self.kv_heads, self.head_dim)
+            value = attention.v_proj(x).view(rows, self.kv_heads, self.head_dim)
+            if self.norms_heads:
+                query, key = attention.q_norm(query), attention.k_norm(key)
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+            keys[row_index, :, positions] = key.to(self.cache_dtype)
+            values[row_index, :, positions] = value.to(self.cache_dtype)
+            # Grouped-query attention: the query heads of one key/value head are that head's queries.
+            query = query.view(rows, self.kv_heads, self.groups, self.head_dim)
+            out = attend(query, keys[:rows], values[:rows], mask, self.scaling)  # [rows, kv_heads, groups, head_dim]
+            hidden = hidden + attention.o_proj(out.reshape(rows, -1).to(hidden.dtype))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(body.norm(hidden)).float()
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of [rows, heads, head_dim] states (cos/sin: [rows, 1, head_dim])."""
+    half = states.shape[-1] // 2
+    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+    return states * cos + rotated * sin
