@@ -33,3 +33,15 @@ def decoder_bytes_per_token(config: dict[str, Any], bytes_per_weight: float) -> 
     d, ffn, layers, vocab = config["d_model"], config["decoder_ffn_dim"], config["decoder_layers"], config["vocab_size"]
     params = layers * (6 * d * d + 2 * d * ffn) + vocab * d
     return params * bytes_per_weight
+
+
+def causal_bytes_per_token(config: dict[str, Any], bytes_per_weight: float) -> float:
+    """Weights one decoding step of a decoder-only model reads: per layer the q, k, v, o projections and
+    the three MLP matrices; then the output projection (the input embedding reads only one row)."""
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim
+    params = layers * (attention + 3 * hidden * inner) + config["vocab_size"] * hidden
+    return params * bytes_per_weight

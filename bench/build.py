@@ -128,6 +128,68 @@ def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
     return out
 
 
+CHAT_SPEC_DIR = BENCH_DIR / "models" / "qwen2.5-0.5b-instruct"
+CHAT_MODEL_DIR = CACHE_DIR / "qwen2.5-0.5b-random"
+# The real model's chat format (ChatML); its tokenizer (151,646 tokens) is not in the repository, so
+# the bench trains a small one: the vocabulary size of the model itself, which sets the cost of the
+# embedding and output layers, comes from the spec.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_chat_model(out: Path = CHAT_MODEL_DIR, spec: Path = CHAT_SPEC_DIR) -> Path:
+    """The random full-size Qwen2.5-0.5B-Instruct (ChatML template, 8k-token BPE), unless already built."""
+    config_dict = json.loads((spec / "config.json").read_text())
+    gen_dict = json.loads((spec / "generation_config.json").read_text())
+    try:
+        built = json.loads((out / DONE).read_text())
+    except (OSError, ValueError):
+        built = {}
+    if built.get("config") == config_dict and built.get("generation_config") == gen_dict:
+        return out
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    started = time.monotonic()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    bpe = ByteLevelBPETokenizer()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(_corpus(40000, seed=0), vocab_size=8000, min_frequency=2, special_tokens=special)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(tmp))
+    token_ids: list[int] = tokenizer.convert_tokens_to_ids(special)  # type: ignore[assignment]  # a list in, a list out
+    ids = dict(zip(special, token_ids, strict=True))
+    config_dict_local = config_dict | {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**config_dict_local)).eval()
+    gen_local = gen_dict | {
+        "bos_token_id": ids["<|endoftext|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+    }
+    model.generation_config = GenerationConfig(**gen_local)
+    model.save_pretrained(str(tmp))
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    done = {"spec": str(spec), "config": config_dict, "generation_config": gen_dict, "parameters": params}
+    (tmp / DONE).write_text(json.dumps(done | {"seconds": time.monotonic() - started}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 if __name__ == "__main__":
     t = time.monotonic()
     print(build_model(), f"{time.monotonic() - t:.1f}s")
+    t = time.monotonic()
+    print(build_chat_model(), f"{time.monotonic() - t:.1f}s")

@@ -55,8 +55,10 @@ def _child(model_dir: str, mode: str) -> None:
         from bot.engine import Engine, EngineConfig
         from bot.types import Turn
 
-        serving = mode == "serve_16x10x60"  # 16 conversations at once, 10 beams, 60 tokens
-        beams, tokens = (10, 60) if serving else (1, 5)
+        # serve_16x10x60: BlenderBot answers 16 conversations at once, 10 beams, 60 tokens;
+        # chat_serve_16: a chat model answers 16 conversations at once, greedy, 60 tokens.
+        serving = mode in ("serve_16x10x60", "chat_serve_16")
+        beams, tokens = (10 if mode == "serve_16x10x60" else 1, 60) if serving else (1, 5)
 
         async def run() -> None:
             engine = Engine(
@@ -67,6 +69,7 @@ def _child(model_dir: str, mode: str) -> None:
                     num_beams=beams,
                     min_new_tokens=tokens,
                     max_new_tokens=tokens,
+                    sampling=False,
                 )
             )
             await engine.start()
@@ -79,7 +82,8 @@ def _child(model_dir: str, mode: str) -> None:
             result["rss_anon_mb"] = status.get("RssAnon")
             result["rss_file_mb"] = status.get("RssFile")
             result["precision_used"] = engine.precision
-            if serving:
+            if serving:  # the peak while serving, after the load's own peak (reported above)
+                reset_peak()
                 await asyncio.gather(*(engine.reply(h) for h in conversations(16, seed=16)))
                 result["peak_rss_serving_mb"] = proc_status_mb().get("VmHWM")
             await engine.close()

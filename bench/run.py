@@ -17,8 +17,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from bench import bandwidth, memory, openloop, workload
-from bench.build import build_model
+from bench import bandwidth, chat_bench, memory, openloop, workload
+from bench.build import build_chat_model, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [(10, 20), (1, 20), (10, 60), (1, 60)]  # (beams, new tokens)
@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(arrivals(model_dir, naive, out))
     del naive
 
+    t = time.monotonic()
+    chat_dir = build_chat_model()
+    log(f"chat model ready at {chat_dir} ({time.monotonic() - t:.1f}s)")
+    out["chat"] = chat_bench.run(chat_dir, bw, log)
+
     lines = summarize(out)
     out["targets"] = targets(out)
     out["total_s"] = time.monotonic() - started
@@ -365,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     for tgt in out["targets"]:
         value = "n/a" if tgt["value"] is None else f"{tgt['value']:.2f}"
         lines.append(f"  {tgt['target']}: {value} (goal {tgt['goal']})")
+    lines += ["", *chat_bench.summary(out["chat"])]
     lines.append(f"total bench time {out['total_s']:.0f}s")
     print("\n".join(lines), flush=True)
 

@@ -69,12 +69,20 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
         log.warning("this torch build cannot quantize to int8; falling back to bf16")
         precision = "bf16"
     if precision == "int8":
-        from bot.engine.int8 import Int8Embedding, detach_from_files_, quantize_linears_
+        from bot.engine.int8 import (
+            Int8Embedding,
+            detach_from_files_,
+            file_ranges,
+            quantize_linears_,
+            release_file_pages,
+        )
 
         with torch.no_grad():
             quantize_linears_(model)
             if not model.config.is_encoder_decoder and model.config.tie_word_embeddings:
-                model.set_input_embeddings(Int8Embedding(model.get_input_embeddings().weight))
+                shared = model.get_input_embeddings().weight
+                model.set_input_embeddings(Int8Embedding(shared))
+                release_file_pages(shared, file_ranges())  # its fp32 pages are not needed any more
             detach_from_files_(model)
         gc.collect()  # closes the mapped checkpoint once nothing points into it
     elif precision == "bf16":

@@ -102,7 +102,7 @@ class Int8Embedding(nn.Module):
         return f"{self.table.shape[0]}, {self.embedding_dim}, int8 rows"
 
 
-def _file_ranges() -> list[tuple[int, int]]:
+def file_ranges() -> list[tuple[int, int]]:
     """Address ranges of this process's file-backed mappings (private or shared)."""
     ranges = []
     try:
@@ -137,7 +137,7 @@ def release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> b
 
 def quantize_linears_(model: nn.Module) -> int:
     """Replace every nn.Linear in `model` by a RowwiseInt8Linear, in place; returns how many."""
-    ranges = _file_ranges()
+    ranges = file_ranges()
     linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     linear_weight_ids = {id(m.weight) for _, m in linears}
     # Weights also used elsewhere (the lm_head tied to the embeddings) must keep their pages.
@@ -159,7 +159,7 @@ def quantize_linears_(model: nn.Module) -> int:
 
 def detach_from_files_(model: nn.Module) -> None:
     """Copy parameters and buffers that still live in a mapped file into ordinary memory."""
-    ranges = _file_ranges()
+    ranges = file_ranges()
     for tensor in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
         start = tensor.data_ptr()
         if tensor.numel() and _in_file(ranges, start, start + tensor.numel() * tensor.element_size()):
