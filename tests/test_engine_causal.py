@@ -134,9 +134,7 @@ async def test_the_prompt_fits_the_context_and_the_reply_its_room(tiny_chat_mode
 
 async def test_think_blocks_are_never_shown(tiny_chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with Engine(chat_config(tiny_chat_model_dir)) as engine:
-        monkeypatch.setattr(
-            engine._tokenizer, "decode", lambda ids, **kw: "<think>\nlet me think</think>\n\nHi there!"
-        )
+        monkeypatch.setattr(engine._tokenizer, "decode", lambda ids, **kw: "<think>\nlet me think</think>\n\nHi there!")
         partials: list[str] = []
         assert await engine.reply(HISTORIES[0], partials.append) == "Hi there!"
         assert all("think" not in p for p in partials)

@@ -306,11 +306,16 @@ class Engine:
         return scheduler
 
     def _text(self, ids: list[int]) -> str:
-        """A finished reply's text, as posted and stored."""
-        return self._visible(self._tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        """A finished reply's text, as posted and stored: a chat model's `<think>` blocks never are."""
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        if not self._chat_template:
+            return text.strip()
+        from bot.engine.chat_prompt import strip_think
+
+        return strip_think(text)
 
     def _visible(self, text: str) -> str:
-        """What of a reply may be shown: a chat model's `<think>` blocks never are."""
+        """What may be shown of a reply still being written (nothing of an unfinished `<think>` block)."""
         if not self._chat_template:
             return text
         from bot.engine.chat_prompt import visible_so_far
