@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny Blenderbot built once per test session, a real engine on it (`tiny_engine`), and,
-from tests/scripted_engine.py, a scripted stand-in (`scripted_engine`) with a chat service over it (`chat`)."""
+"""Shared fixtures: a tiny Blenderbot and a tiny chat model, each built once per test session; a real engine on
+the Blenderbot (`tiny_engine`); and, from tests/scripted_engine.py, a scripted stand-in (`scripted_engine`) with
+a chat service over it (`chat`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.engine import Engine, EngineConfig
+from tests.tiny_causal_model import build_tiny_causal_model
 from tests.tiny_model import build_tiny_model
 
 # Fixture modules shared by every test (imported here rather than into each test module).
@@ -23,6 +25,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Blenderbot (128 positions, 2 beams, 4 to 12 tokens) saved with save_pretrained."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2-shaped chat model with a ChatML template (replies of up to 16 tokens)."""
+    return build_tiny_causal_model(tmp_path_factory.mktemp("tiny-chat-model"))
 
 
 def engine_config(model_dir: Path, **overrides: object) -> EngineConfig:

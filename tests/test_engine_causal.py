@@ -16,7 +16,6 @@ import torch
 
 from bot.engine import Engine, EngineConfig
 from bot.types import Turn
-from tests.tiny_causal_model import build_tiny_causal_model
 
 HISTORIES = [
     [Turn("user", "hello there")],
@@ -25,11 +24,6 @@ HISTORIES = [
     [Turn("user", "tell me something interesting about space and the stars " * 3, speaker="bob")],
     [Turn("user", "music")],
 ]
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_causal_model(tmp_path_factory.mktemp("tiny-chat-model"))
 
 
 def chat_config(model_dir: Path, **overrides: Any) -> EngineConfig:

@@ -222,3 +222,15 @@ def test_console_prints_the_same_replies_streamed_or_not(tmp_path: Path, tiny_mo
     streamed, whole = replies("true"), replies("false")
     assert len(whole) == 2 and all(whole)
     assert streamed == whole
+
+
+def test_a_chat_model_without_a_chat_template_is_refused_at_start(tmp_path: Path) -> None:
+    from tests.tiny_causal_model import build_tiny_causal_model
+
+    model_dir = build_tiny_causal_model(tmp_path / "no-template", chat_template=None)
+    result = run_bot(tmp_path, "--console", env={"MODEL_NAME": str(model_dir), "LOG_LEVEL": "WARNING"}, stdin="hi\n")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"Could not load the model '{model_dir}': it has no chat template, so there is no way to turn a "
+        "conversation into its prompt"
+    )
