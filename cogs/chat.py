@@ -1,4 +1,4 @@
-"""Listening: when to answer (mention or DM), cleaning the text, typing, replying and splitting."""
+"""Listening: when to answer (mention, reply or DM), cleaning the text, typing, replying, streaming and splitting."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import discord
 from discord.ext import commands
 
 from bot.chat import CLOSING_TEXT, ERROR_TEXT
-from bot.types import Conversation
+from bot.streaming import StreamingReply, split_message
+from bot.types import Conversation, Reply
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
 
 log = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 2000
 EMPTY_MENTION_TEXT = "Hi! Write something after the mention and I'll answer. In a DM, no mention is needed."
 ATTACHMENT_ONLY_TEXT = "I can only read text, not attachments. Tell me in words what you'd like to talk about."
 COOLDOWN_TEXT = "You're sending messages faster than I can answer. Wait {seconds:.0f}s, then ask again."
@@ -64,25 +64,8 @@ def clean_text(
     return "\n".join(line for line in lines if line).strip()
 
 
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Cut text into pieces Discord accepts, preferring line breaks, then spaces."""
-    chunks: list[str] = []
-    rest = text.strip()
-    while len(rest) > limit:
-        cut = rest.rfind("\n", 0, limit + 1)
-        if cut < limit // 2:
-            cut = rest.rfind(" ", 0, limit + 1)
-        if cut < limit // 2:
-            cut = limit
-        chunks.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    if rest:
-        chunks.append(rest)
-    return chunks
-
-
 class Chat(commands.Cog):
-    """Answers @mentions in servers and every message in DMs."""
+    """Answers @mentions and replies to the bot in servers, and every message in DMs."""
 
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
@@ -101,7 +84,7 @@ class Chat(commands.Cog):
             return False
         if message.guild is None:
             return True
-        if me in message.mentions:
+        if me in message.mentions or replies_to(message, me.id):
             return True
         own_role = message.guild.self_role
         return own_role is not None and own_role in message.role_mentions
@@ -142,29 +125,53 @@ class Chat(commands.Cog):
             return
         log.debug("message %s in %s: %r", message.id, message.channel.id, text)
         conversation = Conversation(message.channel.id, message.guild.id if message.guild else None)
+        # A reply waits for the posts of the reply before it in this channel, so a slow typing request
+        # (or a reply still being streamed) can never make the answers appear out of order.
+        previous = self._last_post.get(conversation.channel_id)
+        posted = asyncio.get_running_loop().create_future()
+        self._last_post[conversation.channel_id] = posted
+        stream = StreamingReply(message, after=previous) if self.streaming else None
         # Take this message's place in its conversation's line now, before the first await (the
         # typing request): otherwise a later message whose typing request happens to come back first
         # would be answered first, and messages arriving together (a burst, events replayed after a
         # RESUME) could be answered out of order.
-        responding = asyncio.ensure_future(self.bot.chat.respond(conversation, message.author.id, text))
-        # Likewise for posting: a reply waits for the post of the reply before it in this channel,
-        # so a slow typing request can never make the answers appear out of order.
-        previous = self._last_post.get(conversation.channel_id)
-        posted = asyncio.get_running_loop().create_future()
-        self._last_post[conversation.channel_id] = posted
+        if stream is None:
+            responding = asyncio.ensure_future(self.bot.chat.respond(conversation, message.author.id, text))
+        else:
+            responding = asyncio.ensure_future(
+                self.bot.chat.respond(conversation, message.author.id, text, on_partial=stream.update)
+            )
         try:
             async with typing_in(message.channel):
                 await asyncio.wait({responding})
-            if previous is not None:
-                await asyncio.wait({previous})
-            error = responding.exception()
-            if error is not None:
-                log.error("could not answer message %s", message.id, exc_info=error)
-            await self.send(message, ERROR_TEXT if error is not None else responding.result().text)
+                if stream is not None:  # the typing indicator stays up until the last edit
+                    reply_text, ok = self.outcome(message, responding)
+                    await stream.finish(reply_text, ok=ok)
+            if stream is None:
+                if previous is not None:
+                    await asyncio.wait({previous})
+                await self.send(message, self.outcome(message, responding)[0])
         finally:
+            if stream is not None:
+                stream.cancel()
             posted.set_result(None)
             if self._last_post.get(conversation.channel_id) is posted:
                 del self._last_post[conversation.channel_id]
+
+    @property
+    def streaming(self) -> bool:
+        """Replies are shown while written: STREAM_REPLIES is on and the engine can stream (greedy decoding)."""
+        return self.bot.settings.stream_replies and self.bot.chat.can_stream
+
+    @staticmethod
+    def outcome(message: discord.Message, responding: asyncio.Future[Reply]) -> tuple[str, bool]:
+        """The text to show for a finished `respond` and whether it is the model's reply (not a notice)."""
+        error = responding.exception()
+        if error is not None:
+            log.error("could not answer message %s", message.id, exc_info=error)
+            return ERROR_TEXT, False
+        reply = responding.result()
+        return reply.text, reply.ok
 
     async def cooling_down(self, message: discord.Message) -> bool:
         """True if the author is over the rate; they get one notice per cooldown, not one per message."""
@@ -195,6 +202,21 @@ class Chat(commands.Cog):
             except discord.HTTPException as exc:
                 log.warning("could not post in channel %s: %s", message.channel.id, exc)
                 return
+
+
+def replies_to(message: discord.Message, user_id: int) -> bool:
+    """Whether `message` is a reply to a message by `user_id` (pinging them or not).
+
+    Discord sends the replied-to message along (`referenced_message`, which discord.py puts in
+    `reference.resolved`); without it, discord.py's message cache may still have it. A forward is
+    not a reply, and a reply to a deleted message can't be placed.
+    """
+    reference = message.reference
+    if reference is None or reference.type is not discord.MessageReferenceType.reply:
+        return False
+    replied = reference.resolved or reference.cached_message
+    author = getattr(replied, "author", None)  # a DeletedReferencedMessage has none
+    return author is not None and author.id == user_id
 
 
 @asynccontextmanager

@@ -14,6 +14,7 @@ from discord import app_commands
 from bot.chat import CLOSING_TEXT, ChatService
 from bot.client import answer_command_error
 from bot.engine import Engine
+from bot.streaming import split_message
 from bot.types import Conversation, Turn
 from cogs.admin import Admin, manage_messages_or_dm
 from cogs.chat import (
@@ -22,7 +23,6 @@ from cogs.chat import (
     EMPTY_MENTION_TEXT,
     Chat,
     clean_text,
-    split_message,
 )
 from cogs.everyone import Everyone
 from config.settings import Settings
@@ -78,6 +78,15 @@ class FakeChannel:
 
 
 @dataclass(eq=False)
+class FakeReference:
+    """discord.MessageReference as discord.py fills it: `resolved` from the gateway's referenced_message."""
+
+    resolved: Any = None
+    cached_message: Any = None
+    type: discord.MessageReferenceType = discord.MessageReferenceType.reply
+
+
+@dataclass(eq=False)
 class FakeMessage:
     content: str
     author: FakeUser = field(default_factory=lambda: FakeUser(7))
@@ -90,6 +99,7 @@ class FakeMessage:
     webhook_id: int | None = None
     type: discord.MessageType = discord.MessageType.default
     id: int = 42
+    reference: FakeReference | None = None
 
     def to_reference(self, *, fail_if_not_exists: bool = True) -> tuple[str, int, bool]:
         return ("ref", self.id, fail_if_not_exists)
@@ -195,6 +205,48 @@ async def test_dm_needs_no_mention(bot: FakeBot, chat: ChatService) -> None:
 async def test_silence(bot: FakeBot, scripted_engine: ScriptedEngine, message: FakeMessage) -> None:
     if "from" in message.content or "pinned" in message.content:
         message.mentions = [bot.user]
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent == [] and scripted_engine.seen == []
+
+
+def reply(to: FakeMessage | None, *, how: str = "resolved", **kwargs: Any) -> FakeMessage:
+    """A message replying to `to`, without the reply ping (no mention at all)."""
+    if how == "resolved":
+        reference = FakeReference(resolved=to)
+    elif how == "cached":  # no referenced_message came along, but discord.py's cache has the message
+        reference = FakeReference(cached_message=to)
+    elif how == "deleted":
+        reference = FakeReference(resolved=discord.DeletedReferencedMessage(None))  # type: ignore[arg-type]
+    else:
+        reference = FakeReference(resolved=to, type=discord.MessageReferenceType.forward)
+    return FakeMessage("and what else?", type=discord.MessageType.reply, reference=reference, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["resolved", "cached"])
+async def test_a_reply_to_the_bot_is_answered_without_a_ping(
+    bot: FakeBot, scripted_engine: ScriptedEngine, how: str
+) -> None:
+    bots_message = FakeMessage("re: hello", author=bot.user)  # type: ignore[arg-type]
+    message = reply(bots_message, how=how)
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert message.channel.sent[0]["content"] == "re: and what else?"
+    assert message.channel.sent[0]["reference"] == ("ref", 42, False)
+
+
+@pytest.mark.parametrize(
+    ("to", "how"),
+    [
+        (FakeMessage("hello", author=FakeUser(8)), "resolved"),  # somebody else's message
+        (FakeMessage("hello", author=FakeUser(8)), "cached"),
+        (None, "deleted"),  # the replied-to message is gone: there is no telling whose it was
+        (FakeMessage("re: hello", author=FakeUser(BOT_ID, bot=True)), "forward"),  # a forward is not a reply
+        (None, "resolved"),  # neither sent along nor cached
+    ],
+)
+async def test_a_reply_to_someone_else_is_not_for_the_bot(
+    bot: FakeBot, scripted_engine: ScriptedEngine, to: FakeMessage | None, how: str
+) -> None:
+    message = reply(to, how=how)
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert message.channel.sent == [] and scripted_engine.seen == []
 

@@ -65,17 +65,19 @@ def one_torch_thread() -> Iterator[None]:
 async def bot_factory(
     fake_discord: FakeDiscord, tiny_model_dir: Path, tmp_path: Path, one_torch_thread: None
 ) -> AsyncIterator[BotFactory]:
-    """Start real ChatBots against the fake: `await bot_factory(model_dir=..., **settings_overrides)`.
+    """Start real ChatBots against the fake: `await bot_factory(model_dir=..., engine=..., **settings_overrides)`.
+
+    `engine` swaps the real engine for a stand-in such as a `ScriptedEngine` (see `start_bot`).
 
     At teardown each bot is closed, and the test fails if the bot logged an unexpected error, made
     a REST call Discord would refuse, or posted anything that could ping someone.
     """
     started: list[BotHarness] = []
 
-    async def make(model_dir: Path | None = None, **overrides: Any) -> BotHarness:
+    async def make(model_dir: Path | None = None, engine: Any = None, **overrides: Any) -> BotHarness:
         db = overrides.pop("history_db", tmp_path / f"history-{len(started)}.sqlite3")  # shared to test restarts
         settings = bot_settings(fake_discord, model_dir or tiny_model_dir, db, **overrides)
-        harness = await start_bot(fake_discord, settings)
+        harness = await start_bot(fake_discord, settings, engine=engine)
         started.append(harness)
         return harness
 

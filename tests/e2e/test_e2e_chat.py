@@ -152,7 +152,7 @@ async def test_nothing_the_bot_posts_can_ping(harness: BotHarness, monkeypatch: 
     # Even if the model itself writes every kind of mention, nobody is notified.
     loud = f"@everyone @here {w.fans_role.mention} {w.admin.mention} {w.member.mention}"
 
-    async def loud_reply(history: object) -> str:
+    async def loud_reply(history: object, on_partial: object = None) -> str:
         return loud
 
     monkeypatch.setattr(harness.engine, "reply", loud_reply)
@@ -168,7 +168,7 @@ async def test_nothing_the_bot_posts_can_ping(harness: BotHarness, monkeypatch: 
 
 
 async def test_a_long_reply_arrives_split(bot_factory: BotFactory, long_model_dir: Path) -> None:
-    harness = await bot_factory(model_dir=long_model_dir)
+    harness = await bot_factory(model_dir=long_model_dir, stream_replies=False)  # streamed: test_e2e_streaming.py
     fake, w = harness.fake, harness.fake.world
     message = await fake.mention(w.member, w.general, "hello there")
     first = await fake.wait_reply(message, timeout=60)
@@ -224,17 +224,35 @@ async def test_replying_to_the_bot_continues_the_conversation(harness: BotHarnes
     fake, w = harness.fake, harness.fake.world
     first = await fake.mention(w.member, w.general, "hello there")
     answer = await fake.wait_reply(first)
-    # A reply that pings the bot is addressed to it, even without writing the mention.
+    # A reply that pings the bot is addressed to it, even without writing the mention...
     follow_up = await fake.send(w.member, w.general, "what do you like to do for fun", reply_to=answer)
+    assert follow_up["referenced_message"]["id"] == answer["id"]  # Discord sends the replied-to message along
     reply = await fake.wait_reply(follow_up)
     turns = harness.history.get(conversation(w.general))
     assert turns[2] == Turn("user", "what do you like to do for fun")
     assert reply["content"] == await harness.engine.reply(turns[:3])
-    # With the ping switched off, the bot was not addressed and stays quiet.
-    await fake.send(w.member, w.general, "never mind", reply_to=reply, ping_author=False)
+    # ...and so is one with the ping switched off (Discord lets the replier turn it off).
+    quiet = await fake.send(w.carol, w.general, "do you have any pets", reply_to=reply, ping_author=False)
+    assert all(u["id"] != str(w.bot_user.id) for u in quiet["mentions"])
+    quiet_reply = await fake.wait_reply(quiet)
+    turns = harness.history.get(conversation(w.general))
+    assert turns[4:] == [Turn("user", "do you have any pets"), Turn("bot", quiet_reply["content"])]
+    # A reply to somebody else's message, without a mention, is not for the bot.
+    await fake.send(w.carol, w.general, "same here", reply_to=first, ping_author=False)
+    await fake.send(w.carol, w.general, "me too", reply_to=quiet)  # pings Carol herself, not the bot
     probe = await settle(fake, w.general)
     answered = [m["message_reference"]["message_id"] for m in fake.messages_by_bot(w.general)]
-    assert answered == [first["id"], follow_up["id"], probe["id"]]
+    assert answered == [first["id"], follow_up["id"], quiet["id"], probe["id"]]
+
+
+async def test_a_reply_to_the_bot_is_recognised_without_the_bots_message_cache(harness: BotHarness) -> None:
+    """After a restart discord.py's message cache is empty; the `referenced_message` Discord sends is enough."""
+    fake, w = harness.fake, harness.fake.world
+    first = await fake.mention(w.member, w.general, "hello there")
+    answer = await fake.wait_reply(first)
+    harness.bot._connection._messages.clear()  # type: ignore[union-attr]
+    follow_up = await fake.send(w.member, w.general, "do you have any pets", reply_to=answer, ping_author=False)
+    assert (await fake.wait_reply(follow_up))["content"]
 
 
 async def test_messages_in_one_channel_are_answered_in_order(harness: BotHarness) -> None:

@@ -160,8 +160,9 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     )
     await run(
         "reply to the bot, ping off",
-        SILENT,
+        REPLY,
         lambda: fake.send(w.carol, g, "never mind", reply_to=answer2, ping_author=False),
+        "never mind",
     )
     await run("reply to a person, not the bot", SILENT, lambda: fake.send(w.member, g, "same here", reply_to=first))
     # The bot's answer was deleted by a moderator; a reply to it arrives with referenced_message null.

@@ -34,7 +34,7 @@ class BotHarness:
     fake: FakeDiscord
     settings: Settings
     history: HistoryStore
-    engine: Engine
+    engine: Engine  # or the stand-in a test handed to start_bot (then the test owns it)
     chat: ChatService
     bot: ChatBot
     runner: asyncio.Task[None]
@@ -43,6 +43,7 @@ class BotHarness:
     allowed_error_logs: Callable[[logging.LogRecord], bool] = lambda record: False
     allowed_failed_calls: Callable[[Any], bool] = lambda call: False
     check_mentions: bool = True  # off only where the test itself posts through the bot's client
+    owns_engine: bool = True  # the harness built the engine, so it closes it
     stopped: bool = field(default=False)
 
     async def stop(self) -> None:
@@ -56,7 +57,8 @@ class BotHarness:
                 self.runner.cancel()
                 raise AssertionError("bot.start() did not return within 10s of bot.close()")
         finally:
-            await self.engine.close()
+            if self.owns_engine:
+                await self.engine.close()
             self.history.close()
             logging.getLogger().removeHandler(self.errors)
 
@@ -75,11 +77,29 @@ class BotHarness:
             body = call.json or {}
             if body.get("allowed_mentions") != QUIET:
                 found.append(f"posted with allowed_mentions={body.get('allowed_mentions')!r}")
+        for call in self.fake.message_edits():
+            mentions = (call.json or {}).get("allowed_mentions")
+            if not quiet(mentions):
+                found.append(f"edited a message with allowed_mentions={mentions!r}")
+        for edit in self.fake.bot_edits:
+            if edit["pings"] != {"users": [], "roles": [], "everyone": False}:
+                found.append(f"an edit could ping {edit['pings']}: {edit['content'][:60]!r}")
         for call in self.fake.calls_to("POST", r"/interactions/\d+/[^/]+/callback"):
             mentions = ((call.json or {}).get("data") or {}).get("allowed_mentions")
             if mentions is None or mentions.get("parse") != [] or mentions.get("replied_user"):
                 found.append(f"interaction answered with allowed_mentions={mentions!r}")
         return found
+
+
+def quiet(allowed_mentions: Any) -> bool:
+    """Whether an `allowed_mentions` object lets nothing ping: parse nothing, name no one, no reply ping."""
+    return (
+        isinstance(allowed_mentions, dict)
+        and allowed_mentions.get("parse") == []
+        and not allowed_mentions.get("users")
+        and not allowed_mentions.get("roles")
+        and not allowed_mentions.get("replied_user")
+    )
 
 
 BotFactory = Callable[..., Awaitable[BotHarness]]
@@ -98,13 +118,21 @@ def bot_settings(fake: FakeDiscord, model_dir: Path, history_db: Path, **overrid
     return Settings(**values)
 
 
-async def start_bot(fake: FakeDiscord, settings: Settings, *, ready_timeout: float = 30.0) -> BotHarness:
+async def start_bot(
+    fake: FakeDiscord, settings: Settings, *, engine: Any = None, ready_timeout: float = 30.0
+) -> BotHarness:
     """Start `ChatBot` against the fake in `run_discord`'s order: log in (token, cogs, command sync), load the
-    model, connect; wait for on_ready."""
+    model, connect; wait for on_ready.
+
+    `engine` replaces the real engine on `settings.model_name` with a stand-in (a `ScriptedEngine`,
+    for answers a tiny model can't give: long, slow, failing at a chosen word); it is used as it is,
+    neither started nor closed here."""
     errors = _ErrorCollector()
     logging.getLogger().addHandler(errors)
     history = HistoryStore(settings.history_db, settings.history_turns)
-    engine = Engine(EngineConfig.from_settings(settings))
+    owns_engine = engine is None
+    if engine is None:
+        engine = Engine(EngineConfig.from_settings(settings))
     chat = ChatService(engine, history)
     bot = ChatBot(settings=settings, chat=chat)
     # discord.py waits guild_ready_timeout (2 s) after the last GUILD_CREATE before on_ready; the fake
@@ -119,15 +147,17 @@ async def start_bot(fake: FakeDiscord, settings: Settings, *, ready_timeout: flo
     try:
         await bot.__aenter__()
         await bot.login(settings.discord_token or "")
-        await engine.start()
+        if owns_engine:
+            await engine.start()
     except BaseException:
         await bot.close()
-        await engine.close()
+        if owns_engine:
+            await engine.close()
         history.close()
         logging.getLogger().removeHandler(errors)
         raise
     runner = asyncio.create_task(bot.connect())
-    harness = BotHarness(fake, settings, history, engine, chat, bot, runner, errors)
+    harness = BotHarness(fake, settings, history, engine, chat, bot, runner, errors, owns_engine=owns_engine)
     waiter = asyncio.create_task(ready.wait())
     done, _ = await asyncio.wait({runner, waiter}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
     if waiter not in done:

@@ -46,6 +46,7 @@ API_PREFIX = "/api/v10"
 MESSAGE_LIMIT = 2000
 NITRO_MESSAGE_LIMIT = 4000  # what a Nitro subscriber may post (bots stay at 2000)
 EPHEMERAL = 1 << 6
+TYPING_SHOWN_S = 10.0  # how long one typing request shows the indicator
 INTERACTION_DEADLINE_S = 3.0  # Discord forgets an interaction not answered within 3 seconds
 _COMMAND_NAME = re.compile(r"^[-_a-z0-9]{1,32}$")
 
@@ -90,6 +91,9 @@ class RestCall:
     authorization: str | None
     status: int = 0
     response: Any = None
+
+
+_CALL = web.RequestKey("call", RestCall)  # the request's RestCall, for handlers to stamp records with its time
 
 
 @dataclass
@@ -170,7 +174,8 @@ class FakeDiscord:
         self.connection_paths: list[str] = []  # "/gateway" for IDENTIFY, "/resume" for resume_gateway_url
         self.commands: dict[tuple[int | None, str], dict[str, Any]] = {}
         self.interactions: dict[int, Interaction] = {}
-        self.bot_messages: list[dict[str, Any]] = []  # every message the bot created, in order
+        self.bot_messages: list[dict[str, Any]] = []  # every message the bot created, in order, as it is now
+        self.bot_edits: list[dict[str, Any]] = []  # every edit of one: message id, content, time, allowed_mentions
         self.typing_delays: list[float] = []  # each typing request takes the next delay (s), if any, to answer
 
         self._sessions: dict[str, _Session] = {}
@@ -198,6 +203,7 @@ class FakeDiscord:
         r.add_get(p + "/applications/{app}/guilds/{guild}/commands", self._get_commands)
         r.add_put(p + "/applications/{app}/guilds/{guild}/commands", self._put_commands)
         r.add_post(p + "/channels/{channel}/messages", self._post_message)
+        r.add_patch(p + "/channels/{channel}/messages/{message}", self._edit_message)
         r.add_post(p + "/channels/{channel}/typing", self._post_typing)
         r.add_get(p + "/channels/{channel}", self._get_channel)
         r.add_post(p + "/interactions/{interaction}/{token}/callback", self._interaction_callback)
@@ -299,7 +305,28 @@ class FakeDiscord:
         return self.calls_to("POST", path)
 
     def messages_by_bot(self, channel: Channel) -> list[dict[str, Any]]:
+        """The bot's messages in `channel`, in the order they were posted, each as it reads now (edits applied)."""
         return [m for m in self.bot_messages if m["channel_id"] == str(channel.id) and m["type"] in (0, 19)]
+
+    def message_edits(self, channel: Channel | None = None) -> list[RestCall]:
+        path = f"/channels/{channel.id}/messages/\\d+" if channel else r"/channels/\d+/messages/\d+"
+        return self.calls_to("PATCH", path)
+
+    def edits_of(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """The bot's edits of `message` (one of its own), in order: content, time, allowed_mentions, pings."""
+        return [e for e in self.bot_edits if e["id"] == message["id"]]
+
+    def writes_to(self, message: dict[str, Any]) -> list[float]:
+        """When the bot posted `message` and each time it edited it (time.monotonic(), as RestCall.time)."""
+        return [message["posted_at"]] + [e["time"] for e in self.edits_of(message)]
+
+    def typing_shown(self, channel: Channel, at: float) -> bool:
+        """Whether people in `channel` see the bot typing at time `at`, as Discord shows it: a typing request
+        lights the indicator for 10 seconds, and a new message from the bot puts it out (an edit does not)."""
+        lit = [c.time for c in self.typing_calls(channel) if c.status == 204 and c.time <= at]
+        if not lit or at - lit[-1] > TYPING_SHOWN_S:
+            return False
+        return not any(lit[-1] < c.time <= at for c in self.message_posts(channel) if c.status == 200)
 
     def failed_calls(self) -> list[RestCall]:
         return [c for c in self.calls if c.status >= 400]
@@ -697,6 +724,7 @@ class FakeDiscord:
             request.headers.get("Authorization"),
         )
         self.calls.append(call)
+        request[_CALL] = call  # so a handler can stamp what it records with the request's time
         try:
             needs_auth = not call.path.startswith(("/interactions/", "/webhooks/"))
             if needs_auth and call.authorization != f"Bot {self.token}":
@@ -977,10 +1005,60 @@ class FakeDiscord:
             nonce=body.get("nonce"),
         )
         channel.messages[int(message["id"])] = message
-        # `pings` is the fake's own bookkeeping (who Discord would notify); it never goes to the bot.
-        self.bot_messages.append({**message, "pings": self.pings(message, body, channel)})
+        # `pings` and `posted_at` are the fake's own bookkeeping (who Discord would notify, and when the
+        # message was posted); they never go to the bot.
+        record = {**message, "pings": self.pings(message, body, channel), "posted_at": request[_CALL].time}
+        self.bot_messages.append(record)
         await self.dispatch("MESSAGE_CREATE", message)  # Discord echoes the bot's own messages too
         return _json(message)
+
+    async def _edit_message(self, request: web.Request) -> web.Response:
+        """PATCH a message: only its author may, with the same content rules as posting; MESSAGE_UPDATE follows."""
+        w = self.world
+        channel = self._channel(request)
+        try:
+            old = channel.messages[int(request.match_info["message"])]
+        except (KeyError, ValueError):
+            raise DiscordError(404, 10008, "Unknown Message") from None
+        if old["author"]["id"] != str(w.bot_user.id):
+            raise DiscordError(403, 50005, "Cannot edit a message authored by another user")
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise _form_error("_root", "DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType")
+        self._validate_content({"content": old["content"], **body})
+        content = old["content"] if body.get("content") is None else body["content"]
+        users, roles = w.mentions_in(content, channel)
+        everyone = ("@everyone" in content or "@here" in content) and (
+            channel.guild_id is None or bool(w.permissions_in(w.bot_user.id, channel) & MENTION_EVERYONE)
+        )
+        edited = {
+            **old,
+            "content": content,
+            "mentions": users,
+            "mention_roles": roles,
+            "mention_everyone": everyone,
+            "edited_timestamp": iso(),
+        }
+        channel.messages[int(edited["id"])] = edited
+        # Who an edit could notify, by the same rules as a post (Discord notifies no one for an edit, but
+        # the bot must not lean on that: its edits carry no-mentions too).
+        pings = self.pings(edited, body, channel)
+        self.bot_edits.append(
+            {
+                "id": edited["id"],
+                "channel_id": edited["channel_id"],
+                "content": content,
+                "time": request[_CALL].time,  # as in calls and message_edits()
+                "allowed_mentions": body.get("allowed_mentions"),
+                "pings": pings,
+            }
+        )
+        changed = ("content", "mentions", "mention_roles", "mention_everyone", "edited_timestamp")
+        for record in self.bot_messages:  # the tests' view of the bot's messages shows them as they are now
+            if record["id"] == edited["id"]:
+                record.update({k: edited[k] for k in changed})
+        await self.dispatch("MESSAGE_UPDATE", edited)
+        return _json(edited)
 
     async def _interaction_callback(self, request: web.Request) -> web.Response:
         w = self.world

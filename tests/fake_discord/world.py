@@ -494,6 +494,9 @@ class World:
             data["nonce"] = nonce
         if reference is not None:
             data["message_reference"] = reference
+            # Discord sends the replied-to message along (null once it was deleted), one level deep.
             referenced = channel.messages.get(int(reference["message_id"]))
+            if referenced is not None:
+                referenced = {k: v for k, v in referenced.items() if k != "referenced_message"}
             data["referenced_message"] = referenced
         return data
