@@ -135,12 +135,17 @@ class Chat(commands.Cog):
         # typing request): otherwise a later message whose typing request happens to come back first
         # would be answered first, and messages arriving together (a burst, events replayed after a
         # RESUME) could be answered out of order.
-        if stream is None:
-            responding = asyncio.ensure_future(self.bot.chat.respond(conversation, message.author.id, text))
-        else:
-            responding = asyncio.ensure_future(
-                self.bot.chat.respond(conversation, message.author.id, text, on_partial=stream.update)
+        # In a server the model is told who is speaking (several people share a channel); a DM has one.
+        speaker = message.author.display_name if message.guild is not None else None
+        responding = asyncio.ensure_future(
+            self.bot.chat.respond(
+                conversation,
+                message.author.id,
+                text,
+                speaker=speaker,
+                on_partial=stream.update if stream is not None else None,
             )
+        )
         try:
             async with typing_in(message.channel):
                 await asyncio.wait({responding})

@@ -175,7 +175,7 @@ async def test_mention_gets_a_quiet_reply_after_typing(bot: FakeBot, scripted_en
     assert sent["mention_author"] is False
     allowed = sent["allowed_mentions"].to_dict()
     assert allowed == {"parse": []}  # Discord reads a missing replied_user as false
-    assert scripted_engine.seen == [[Turn("user", "hello")]]
+    assert scripted_engine.seen == [[Turn("user", "hello", speaker="someone")]]  # a server: who said it
 
 
 async def test_role_mention_of_the_bot_counts(bot: FakeBot) -> None:
@@ -429,7 +429,7 @@ async def test_server_reset_needs_server_wide_permission(bot: FakeBot, chat: Cha
 
 
 async def test_failing_chat_service_still_answers(bot: FakeBot, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(*args: Any) -> Any:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("unexpected")
 
     monkeypatch.setattr(bot.chat, "respond", broken)

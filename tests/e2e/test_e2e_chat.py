@@ -54,7 +54,10 @@ async def test_mention_in_channel_gets_a_reply_after_typing(harness: BotHarness)
     assert typing and typing[0].time <= post.time
     assert post.json["allowed_mentions"] == QUIET
     assert post.json["message_reference"]["fail_if_not_exists"] is False
-    assert harness.history.get(conversation(w.general)) == [Turn("user", "hello there"), Turn("bot", reply["content"])]
+    assert harness.history.get(conversation(w.general)) == [
+        Turn("user", "hello there", speaker="Bob"),  # in a server, who said it is kept
+        Turn("bot", reply["content"]),
+    ]
 
     # Discord echoes the bot's own message back over the gateway; the bot must not answer itself.
     probe = await settle(fake, w.general)
@@ -104,7 +107,7 @@ async def test_mention_of_the_bots_managed_role_works_and_is_stripped(harness: B
     message = await fake.send(w.member, w.general, f"{w.bot_role.mention} hello there")
     reply = await fake.wait_reply(message)
     assert reply["content"] == await harness.engine.reply([Turn("user", "hello there")])
-    assert harness.history.get(conversation(w.general))[0] == Turn("user", "hello there")
+    assert harness.history.get(conversation(w.general))[0] == Turn("user", "hello there", speaker="Bob")
 
 
 async def test_a_bare_mention_gets_a_hint(harness: BotHarness) -> None:
@@ -147,7 +150,9 @@ async def test_nothing_the_bot_posts_can_ping(harness: BotHarness, monkeypatch: 
     )
     assert message["mention_everyone"] is True
     reply = await fake.wait_reply(message)
-    assert harness.history.get(conversation(w.general))[0] == Turn("user", "hi @everyone and @Fans and @Alice")
+    assert harness.history.get(conversation(w.general))[0] == Turn(
+        "user", "hi @everyone and @Fans and @Alice", speaker="The Owner"
+    )
 
     # Even if the model itself writes every kind of mention, nobody is notified.
     loud = f"@everyone @here {w.fans_role.mention} {w.admin.mention} {w.member.mention}"
@@ -229,14 +234,14 @@ async def test_replying_to_the_bot_continues_the_conversation(harness: BotHarnes
     assert follow_up["referenced_message"]["id"] == answer["id"]  # Discord sends the replied-to message along
     reply = await fake.wait_reply(follow_up)
     turns = harness.history.get(conversation(w.general))
-    assert turns[2] == Turn("user", "what do you like to do for fun")
+    assert turns[2] == Turn("user", "what do you like to do for fun", speaker="Bob")
     assert reply["content"] == await harness.engine.reply(turns[:3])
     # ...and so is one with the ping switched off (Discord lets the replier turn it off).
     quiet = await fake.send(w.carol, w.general, "do you have any pets", reply_to=reply, ping_author=False)
     assert all(u["id"] != str(w.bot_user.id) for u in quiet["mentions"])
     quiet_reply = await fake.wait_reply(quiet)
     turns = harness.history.get(conversation(w.general))
-    assert turns[4:] == [Turn("user", "do you have any pets"), Turn("bot", quiet_reply["content"])]
+    assert turns[4:] == [Turn("user", "do you have any pets", speaker="Carol"), Turn("bot", quiet_reply["content"])]
     # A reply to somebody else's message, without a mention, is not for the bot.
     await fake.send(w.carol, w.general, "same here", reply_to=first, ping_author=False)
     await fake.send(w.carol, w.general, "me too", reply_to=quiet)  # pings Carol herself, not the bot

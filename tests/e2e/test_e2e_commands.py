@@ -148,7 +148,7 @@ async def test_forget_me_deletes_only_my_messages_everywhere(harness: BotHarness
     assert harness.history.get(Conversation(dm.id)) == []
     remaining = harness.history.get(conversation(w.general))
     assert [t.text for t in remaining if t.role == "user"] == ["do you have any pets"]
-    assert remaining[0] == Turn("user", "do you have any pets")
+    assert remaining[0] == Turn("user", "do you have any pets", speaker="Carol")
 
 
 async def test_a_command_is_answered_once_and_in_time(harness: BotHarness) -> None:

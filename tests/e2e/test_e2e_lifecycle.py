@@ -45,7 +45,11 @@ async def test_history_survives_a_restart(fake_discord: FakeDiscord, bot_factory
     d2 = await fake.ask(w.carol, dm, "tell me about space")
 
     # The new bot saw the old conversation: its replies are those of the continued history...
-    general = [Turn("user", "hello there"), Turn("bot", a1), Turn("user", "what do you like to do for fun")]
+    general = [
+        Turn("user", "hello there", speaker="Bob"),
+        Turn("bot", a1),
+        Turn("user", "what do you like to do for fun", speaker="Bob"),
+    ]
     assert a2 == await second.engine.reply(general)
     assert d2 == await second.engine.reply(
         [Turn("user", "do you have any pets"), Turn("bot", d1), Turn("user", "tell me about space")]
@@ -71,9 +75,9 @@ async def test_messages_arriving_together_are_answered_in_order_when_typing_is_s
     reply1 = await fake.wait_reply(first)
     turns = harness.history.get(conversation(w.general))
     assert turns[2:] == [
-        Turn("user", "hello there"),
+        Turn("user", "hello there", speaker="Bob"),
         Turn("bot", reply1["content"]),
-        Turn("user", "do you have any pets"),
+        Turn("user", "do you have any pets", speaker="Carol"),
         Turn("bot", reply2["content"]),
     ]
     assert reply2["content"] == await harness.engine.reply(turns[:5])
@@ -120,7 +124,10 @@ async def test_generation_deadline_through_discord(bot_factory: BotFactory, monk
     # The next message is answered normally; the timed-out one left nothing in the history.
     reply = await fake.ask(w.member, w.general, "hello there", timeout=30)
     assert reply == await harness.engine.reply([Turn("user", "hello there")])
-    assert harness.history.get(conversation(w.general)) == [Turn("user", "hello there"), Turn("bot", reply)]
+    assert harness.history.get(conversation(w.general)) == [
+        Turn("user", "hello there", speaker="Bob"),
+        Turn("bot", reply),
+    ]
     answered = [m["message_reference"]["message_id"] for m in fake.messages_by_bot(w.general)]
     assert answered.count(timed_out["id"]) == 1 and len(answered) == 2
 

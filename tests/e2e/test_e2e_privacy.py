@@ -96,8 +96,8 @@ async def test_forget_me_through_discord_removes_one_person_everywhere(harness: 
     text = await ephemeral(fake, await fake.slash(w.member, w.random, "forget-me"))
     assert text == "Done: I've deleted 10 stored messages of our conversations, everywhere."  # 5 messages, 5 replies
     # Bob is gone from every channel, the thread and his DM; Carol and Alice are untouched.
-    assert turns(w.general) == [Turn("user", "do you have any pets"), Turn("bot", carol_said)]
-    assert turns(w.random) == [Turn("user", "tell me about space"), Turn("bot", alice_said)]
+    assert turns(w.general) == [Turn("user", "do you have any pets", speaker="Carol"), Turn("bot", carol_said)]
+    assert turns(w.random) == [Turn("user", "tell me about space", speaker="Alice"), Turn("bot", alice_said)]
     assert turns(w.thread) == [] and turns(bob_dm) == []
     assert turns(carol_dm) == [Turn("user", "hello there"), Turn("bot", carol_dm_said)]
     assert "i have a dog" not in str(harness.history._db.execute("SELECT text FROM turns").fetchall())

@@ -80,7 +80,7 @@ async def test_a_long_reply_is_posted_early_edited_as_written_and_continued_past
     assert fake.edits_of(pieces[1]), "the second message was posted before the story ended"
     # The end: exactly what the history keeps, cut where split_message cuts it.
     stored = harness.history.get(conversation(w.general))
-    assert stored == [Turn("user", "tell me a story"), Turn("bot", story)]
+    assert stored == [Turn("user", "tell me a story", speaker="Bob"), Turn("bot", story)]
     assert [p["content"] for p in pieces] == split_message(story)
     # The typing indicator was up at every edit: put back right after each post, which hides it.
     for edit in fake.edits_of(pieces[0]) + fake.edits_of(pieces[1]):
