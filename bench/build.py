@@ -14,7 +14,9 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 SPEC_DIR = Path(os.environ.get("BENCH_MODEL_SPEC") or BENCH_DIR / "models" / "blenderbot-400M-distill")
@@ -90,8 +92,12 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
     shutil.rmtree(raw, ignore_errors=True)
 
 
-def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
-    """Write the random full-size model to `out` unless it was already built from this spec; returns `out`."""
+def _build_once(out: Path, spec: Path, write: Callable[[Path, dict[str, Any], dict[str, Any]], int]) -> Path:
+    """Build into `out` with `write(folder, config, generation_config)` unless it was built from this spec.
+
+    The model is written to a temporary folder and renamed, so an interrupted build leaves nothing
+    that looks finished. `write` returns the parameter count.
+    """
     config_dict = json.loads((spec / "config.json").read_text())
     gen_dict = json.loads((spec / "generation_config.json").read_text())
     try:
@@ -100,32 +106,33 @@ def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
         built = {}
     if built.get("config") == config_dict and built.get("generation_config") == gen_dict:
         return out
-    import torch
-    from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, GenerationConfig
-
     started = time.monotonic()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    build_tokenizer(tmp, int(config_dict["vocab_size"]))
-    torch.manual_seed(0)
-    config = BlenderbotConfig(**config_dict)
-    model = BlenderbotForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(**gen_dict)
-    model.save_pretrained(str(tmp))
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    done = {
-        "spec": str(spec),
-        "config": config_dict,
-        "generation_config": gen_dict,
-        "parameters": params,
-        "seconds": time.monotonic() - started,
-    }
-    (tmp / DONE).write_text(json.dumps(done, indent=2))
+    params = write(tmp, config_dict, gen_dict)
+    done = {"spec": str(spec), "config": config_dict, "generation_config": gen_dict, "parameters": params}
+    (tmp / DONE).write_text(json.dumps(done | {"seconds": time.monotonic() - started}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def build_model(out: Path = MODEL_DIR, spec: Path = SPEC_DIR) -> Path:
+    """The random full-size BlenderBot-400M-distill, unless already built from this spec; returns `out`."""
+    return _build_once(out, spec, _write_blenderbot)
+
+
+def _write_blenderbot(folder: Path, config_dict: dict[str, Any], gen_dict: dict[str, Any]) -> int:
+    import torch
+    from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, GenerationConfig
+
+    build_tokenizer(folder, int(config_dict["vocab_size"]))
+    torch.manual_seed(0)
+    model = BlenderbotForConditionalGeneration(BlenderbotConfig(**config_dict)).eval()
+    model.generation_config = GenerationConfig(**gen_dict)
+    model.save_pretrained(str(folder))
+    return sum(p.numel() for p in model.parameters())
 
 
 CHAT_SPEC_DIR = BENCH_DIR / "models" / "qwen2.5-0.5b-instruct"
@@ -143,49 +150,29 @@ CHATML = (
 
 def build_chat_model(out: Path = CHAT_MODEL_DIR, spec: Path = CHAT_SPEC_DIR) -> Path:
     """The random full-size Qwen2.5-0.5B-Instruct (ChatML template, 8k-token BPE), unless already built."""
-    config_dict = json.loads((spec / "config.json").read_text())
-    gen_dict = json.loads((spec / "generation_config.json").read_text())
-    try:
-        built = json.loads((out / DONE).read_text())
-    except (OSError, ValueError):
-        built = {}
-    if built.get("config") == config_dict and built.get("generation_config") == gen_dict:
-        return out
+    return _build_once(out, spec, _write_chat_model)
+
+
+def _write_chat_model(folder: Path, config_dict: dict[str, Any], gen_dict: dict[str, Any]) -> int:
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    started = time.monotonic()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    bpe = ByteLevelBPETokenizer()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_corpus(40000, seed=0), vocab_size=8000, min_frequency=2, special_tokens=special)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token=special[0])
     tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(folder))
     token_ids: list[int] = tokenizer.convert_tokens_to_ids(special)  # type: ignore[assignment]  # a list in, a list out
     ids = dict(zip(special, token_ids, strict=True))
-    config_dict_local = config_dict | {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
+    end, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**config_dict_local)).eval()
-    gen_local = gen_dict | {
-        "bos_token_id": ids["<|endoftext|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-    }
-    model.generation_config = GenerationConfig(**gen_local)
-    model.save_pretrained(str(tmp))
-    params = sum(p.numel() for p in model.parameters())
-    del model
-    done = {"spec": str(spec), "config": config_dict, "generation_config": gen_dict, "parameters": params}
-    (tmp / DONE).write_text(json.dumps(done | {"seconds": time.monotonic() - started}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    model = Qwen2ForCausalLM(Qwen2Config(**config_dict | {"bos_token_id": end, "eos_token_id": im_end})).eval()
+    ids_here = {"bos_token_id": end, "pad_token_id": end, "eos_token_id": [im_end, end]}
+    model.generation_config = GenerationConfig(**gen_dict | ids_here)
+    model.save_pretrained(str(folder))
+    return sum(p.numel() for p in model.parameters())
 
 
 if __name__ == "__main__":

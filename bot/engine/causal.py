@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bot.engine.attention import attend
+from bot.engine.slabs import attend, reorder_rows
 
 # model_type -> whether its attention normalises queries and keys per head (Qwen3)
 SUPPORTED = {"llama": False, "qwen2": False, "qwen3": True}
@@ -111,8 +111,7 @@ class CausalRunner:
 
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the cache of row `order[i]` (never needed while every request has one row)."""
-        for slab in (*self.keys, *self.values):
-            slab[: self.rows, :, :filled] = slab[order, :, :filled]
+        reorder_rows((*self.keys, *self.values), self.rows, order, filled)
 
     # ----- one decoding step --------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bot.engine.attention import attend
+from bot.engine.slabs import attend, reorder_rows
 
 
 class UnsupportedModel(ValueError):
@@ -121,8 +121,7 @@ class Seq2SeqRunner:
 
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the self-attention cache of row `order[i]` (beams moving within their block)."""
-        for slab in (*self.keys, *self.values):
-            slab[: self.rows, :, :filled] = slab[order, :, :filled]
+        reorder_rows((*self.keys, *self.values), self.rows, order, filled)
 
     # ----- one decoding step --------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Attention of one new token per row over a fixed-length, masked slab of keys and values."""
+"""Per-row key/value slabs: attention of one new token per row over a fixed-length, masked slab, and
+moving rows between slabs. Both model families (`seq2seq.py`, `causal.py`) keep their caches so."""
 
 from __future__ import annotations
 
@@ -17,3 +18,9 @@ def attend(
     scores = torch.matmul(query.to(keys.dtype), keys.transpose(-1, -2)).float() * scaling
     weights = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
     return torch.matmul(weights.to(values.dtype), values)
+
+
+def reorder_rows(slabs: tuple[torch.Tensor, ...], rows: int, order: torch.Tensor, filled: int) -> None:
+    """In every slab, row i takes the first `filled` positions of row `order[i]` (beams changing places)."""
+    for slab in slabs:
+        slab[:rows, :, :filled] = slab[order, :, :filled]
