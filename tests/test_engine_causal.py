@@ -7,7 +7,6 @@ token, alone, batched, or joining while others are mid-reply.
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from bot.engine import Engine, EngineConfig
 from bot.types import Turn
+from tests.engine_spies import join_mid_reply, record_tokens
 
 HISTORIES = [
     [Turn("user", "hello there")],
@@ -36,14 +36,6 @@ def chat_config(model_dir: Path, **overrides: Any) -> EngineConfig:
         "system_prompt": "You are a friendly bot.",
     }
     return EngineConfig(**(values | overrides))
-
-
-def record_tokens(engine: Engine) -> list[list[int]]:
-    seen: list[list[int]] = []
-    scheduler = engine._scheduler
-    decode = scheduler.decode
-    scheduler.decode = lambda ids: seen.append(list(ids)) or decode(ids)
-    return seen
 
 
 def generate_tokens(engine: Engine, history: list[Turn]) -> list[int]:
@@ -72,23 +64,7 @@ async def test_a_request_joining_mid_reply_gets_the_same_reply(tiny_chat_model_d
     async with Engine(chat_config(tiny_chat_model_dir, min_new_tokens=12, max_new_tokens=12)) as engine:
         expected = [generate_tokens(engine, h) for h in HISTORIES[:3]]
         seen = record_tokens(engine)
-        runner = engine._scheduler.runner
-        step = runner.step
-        blocks: list[int] = []
-        third = threading.Event()
-
-        def slow_step(*args: Any) -> Any:
-            blocks.append(runner.blocks)
-            if len(blocks) == 3:
-                third.set()
-            threading.Event().wait(0.02)
-            return step(*args)
-
-        runner.step = slow_step
-        first = asyncio.create_task(engine.reply(HISTORIES[0]))
-        assert await asyncio.to_thread(third.wait, 10)
-        await asyncio.gather(engine.reply(HISTORIES[1]), engine.reply(HISTORIES[2]))
-        await first
+        blocks = await join_mid_reply(engine, HISTORIES[0], HISTORIES[1:3])
         assert blocks[:3] == [1, 1, 1] and max(blocks) >= 2, blocks
         assert sorted(seen) == sorted(expected)
 

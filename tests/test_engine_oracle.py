@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from bot.engine import Engine
 from bot.types import Turn
 from tests.conftest import engine_config
+from tests.engine_spies import join_mid_reply, record_tokens
 
 PROMPTS = [
     [Turn("user", "hello there")],
@@ -37,20 +37,6 @@ def model_variant(base: Path, out: Path, **generation: Any) -> Path:
     config.update(generation)
     path.write_text(json.dumps(config))
     return out
-
-
-def record_tokens(engine: Engine) -> list[list[int]]:
-    """The token ids of every reply the engine decodes, in the order they finish."""
-    seen: list[list[int]] = []
-    scheduler = engine._scheduler
-    decode = scheduler.decode
-
-    def recording(ids: list[int]) -> str:
-        seen.append(list(ids))
-        return decode(ids)
-
-    scheduler.decode = recording
-    return seen
 
 
 def generate_tokens(engine: Engine, history: list[Turn]) -> list[int]:
@@ -99,23 +85,6 @@ async def test_a_request_joining_mid_generation_gets_the_same_reply(
     async with Engine(engine_config(model_dir)) as engine:
         expected = [generate_tokens(engine, p) for p in PROMPTS[:3]]
         seen = record_tokens(engine)
-        runner = engine._scheduler.runner
-        step = runner.step
-        blocks_per_step: list[int] = []
-        third_step = threading.Event()
-
-        def slow_step(*args: Any) -> Any:
-            blocks_per_step.append(runner.blocks)
-            if len(blocks_per_step) == 3:
-                third_step.set()
-            threading.Event().wait(0.02)  # long enough for the others to arrive mid-reply
-            return step(*args)
-
-        runner.step = slow_step
-        first = asyncio.create_task(engine.reply(PROMPTS[0]))
-        assert await asyncio.to_thread(third_step.wait, 10)
-        later = await asyncio.gather(engine.reply(PROMPTS[1]), engine.reply(PROMPTS[2]))
-        await first
+        blocks_per_step = await join_mid_reply(engine, PROMPTS[0], PROMPTS[1:3])
         assert blocks_per_step[:3] == [1, 1, 1] and max(blocks_per_step) >= 2, blocks_per_step
         assert sorted(seen) == sorted(expected)
-        assert len(later) == 2
