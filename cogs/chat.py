@@ -131,12 +131,12 @@ class Chat(commands.Cog):
         posted = asyncio.get_running_loop().create_future()
         self._last_post[conversation.channel_id] = posted
         stream = StreamingReply(message, after=previous) if self.streaming else None
+        # In a server the model is told who is speaking (several people share a channel); a DM has one.
+        speaker = message.author.display_name if message.guild is not None else None
         # Take this message's place in its conversation's line now, before the first await (the
         # typing request): otherwise a later message whose typing request happens to come back first
         # would be answered first, and messages arriving together (a burst, events replayed after a
         # RESUME) could be answered out of order.
-        # In a server the model is told who is speaking (several people share a channel); a DM has one.
-        speaker = message.author.display_name if message.guild is not None else None
         responding = asyncio.ensure_future(
             self.bot.chat.respond(
                 conversation,

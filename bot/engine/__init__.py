@@ -9,7 +9,6 @@ place is bounded and refuses work when full.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -218,7 +217,10 @@ class Engine:
             said = text
             on_partial(text.rstrip())
 
-        return lambda tokens: _call_soon(loop, report, tokens)
+        def progress(tokens: list[int]) -> None:  # on the engine thread
+            _call_soon(loop, report, tokens)
+
+        return progress
 
     def stats(self) -> EngineStats:
         scheduler = self._scheduler
@@ -384,16 +386,16 @@ def _settle_from_thread(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, error: BaseException | None
 ) -> bool:
     """Settle a future from the engine thread; False if its event loop is already gone."""
+    return _call_soon(loop, _settle, future, result, error)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:
+    """Run `callback(*args)` on `loop` from another thread; False if the loop is already gone."""
     try:
-        loop.call_soon_threadsafe(_settle, future, result, error)
+        loop.call_soon_threadsafe(callback, *args)
     except RuntimeError:  # the loop was closed, e.g. the bot stopped while the model was loading
         return False
     return True
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[list[int]], None], tokens: list[int]) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
-        loop.call_soon_threadsafe(callback, tokens)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
