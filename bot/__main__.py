@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from bot.chat import ChatService
 from bot.client import ChatBot
 from bot.engine import Engine, EngineConfig, EngineError
 from bot.engine.loading import ModelLoadError, check_model_name
-from bot.history import HistoryStore
+from bot.history import HistoryStore, HistoryUnavailable, open_store, redact
 from bot.types import Conversation
 from config.settings import Settings, SettingsError, load_settings
 
@@ -99,28 +98,15 @@ async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) 
     log.info("engine started in %.1fs", time.monotonic() - started)
 
 
-def open_history(settings: Settings) -> HistoryStore:
-    """The Discord history store at HISTORY_DB; a path that cannot hold it is one line naming the key."""
-    path = settings.history_db
-    if path.is_dir():
-        raise ExitCode(
-            f"Configuration error: HISTORY_DB {path} is a folder; name a file, such as {path / 'history.sqlite3'}",
-            code=2,
-        )
+async def open_history(settings: Settings) -> HistoryStore:
+    """The Discord history store HISTORY_DB names (an SQLite file or a PostgreSQL URL); one that cannot be
+    used is one line naming the key, never with a password."""
+    spec = settings.history_db
+    shown = redact(spec) if isinstance(spec, str) else str(spec)
     try:
-        return HistoryStore(path, settings.history_turns)
-    except OSError as exc:
-        reason = f"{exc.strerror} ({exc.filename})" if exc.strerror else str(exc)
-        raise ExitCode(f"Configuration error: HISTORY_DB {path} cannot be created: {reason}", code=2) from None
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc):
-            raise ExitCode(
-                f"Configuration error: HISTORY_DB {path} is not an SQLite database; name a new file or the bot's own",
-                code=2,
-            ) from None
-        raise ExitCode(f"Configuration error: HISTORY_DB {path} cannot be used: {exc}", code=2) from None
-    except (sqlite3.Error, RuntimeError) as exc:  # RuntimeError: written by a newer version of the bot
-        raise ExitCode(f"Configuration error: HISTORY_DB {path} cannot be used: {exc}", code=2) from None
+        return await open_store(spec, settings.history_turns)
+    except HistoryUnavailable as exc:
+        raise ExitCode(f"Configuration error: HISTORY_DB {shown} {exc}", code=2) from None
 
 
 @asynccontextmanager
@@ -131,7 +117,7 @@ async def services(settings: Settings, history: HistoryStore) -> AsyncIterator[t
         yield engine, ChatService(engine, history)
     finally:
         await engine.close()
-        history.close()
+        await history.close()
 
 
 async def log_in(bot: ChatBot, token: str, stop: asyncio.Event) -> None:
@@ -169,7 +155,7 @@ async def run_discord(settings: Settings) -> None:
     if not settings.discord_token:
         raise ExitCode(NO_TOKEN_HELP, code=2)
     stop = stop_event_on_signals()
-    history = open_history(settings)
+    history = await open_history(settings)
     try:
         async with services(settings, history) as (engine, chat), ChatBot(settings=settings, chat=chat) as bot:
             await log_in(bot, settings.discord_token, stop)
@@ -198,7 +184,8 @@ async def run_discord(settings: Settings) -> None:
 async def run_console(settings: Settings) -> None:
     """Chat in the terminal. Its history lives in memory only: HISTORY_DB belongs to the Discord bot."""
     stop = stop_event_on_signals()
-    async with services(settings, HistoryStore(":memory:", settings.history_turns)) as (engine, chat):
+    history = await open_store(":memory:", settings.history_turns)
+    async with services(settings, history) as (engine, chat):
         await start_engine(engine, settings, stop)
         print(CONSOLE_BANNER.format(model=settings.model_name))
         lines = stdin_lines()
@@ -230,7 +217,7 @@ async def console_answer(chat: ChatService, text: str, command: str | None) -> s
     if command == "/help":
         return CONSOLE_HELP
     if command == "/reset":
-        chat.reset(CONSOLE_CONVERSATION)
+        await chat.reset(CONSOLE_CONVERSATION)
         return "(history cleared)"
     if command is not None:
         return CONSOLE_UNKNOWN.format(command=command)

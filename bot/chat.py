@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 from bot.engine import EngineBusy, EngineClosed, EngineStats, GenerationTimeout
-from bot.history import HistoryStore
+from bot.history import HistoryError, HistoryStore
 from bot.types import Conversation, Reply, Turn
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ class ChatService:
         self.history = history
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._in_flight = 0
-        self._cleared: dict[tuple[str, int], int] = {}  # ("channel"|"guild"|"user", id) -> times cleared
 
     @property
     def in_flight(self) -> int:
@@ -77,11 +75,13 @@ class ChatService:
         try:
             async with self._locked(conversation.channel_id):
                 try:
-                    turns = self.history.get(conversation) + [Turn("user", text, speaker)]
-                except sqlite3.Error:
+                    # The epochs say how often this channel, its server and this user were cleared so
+                    # far: read with the history, and checked again where the reply is stored.
+                    snapshot = await self.history.snapshot(conversation, user_id)
+                except HistoryError:
                     log.exception("could not read the history of channel %s", conversation.channel_id)
                     return Reply(ERROR_TEXT, ok=False)
-                cleared = self._clear_marks(conversation, user_id)
+                turns = snapshot.turns + [Turn("user", text, speaker)]
                 try:
                     answer = await self.engine.reply(turns, on_partial)
                 except EngineBusy:
@@ -96,29 +96,23 @@ class ChatService:
                     return Reply(ERROR_TEXT, ok=False)
                 if not answer.strip():
                     return Reply(EMPTY_REPLY_TEXT, ok=False)
-                if self._clear_marks(conversation, user_id) != cleared:
-                    # /reset or /forget-me ran while this reply was generated: keep its promise.
-                    log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
-                    return Reply(answer)
                 try:
-                    self.history.append(conversation, user_id, Turn("user", text, speaker), Turn("bot", answer))
-                except sqlite3.Error:  # the answer is still worth posting
+                    stored = await self.history.append(
+                        conversation,
+                        user_id,
+                        Turn("user", text, speaker),
+                        Turn("bot", answer),
+                        expected=snapshot.epochs,
+                    )
+                except HistoryError:  # the answer is still worth posting
                     log.exception("could not store a reply in channel %s", conversation.channel_id)
+                    return Reply(answer)
+                if not stored:
+                    # /reset or /forget-me ran while this reply was generated (in any process): keep its promise.
+                    log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
                 return Reply(answer)
         finally:
             self._in_flight -= 1
-
-    def _clear_marks(self, conversation: Conversation, user_id: int | None) -> tuple[int, int, int]:
-        """How often this channel, its server and this user have been cleared so far."""
-        marks = self._cleared
-        return (
-            marks.get(("channel", conversation.channel_id), 0),
-            marks.get(("guild", conversation.guild_id), 0) if conversation.guild_id is not None else 0,
-            marks.get(("user", user_id), 0) if user_id is not None else 0,
-        )
-
-    def _mark_cleared(self, scope: str, ident: int) -> None:
-        self._cleared[(scope, ident)] = self._cleared.get((scope, ident), 0) + 1
 
     @asynccontextmanager
     async def _locked(self, channel_id: int) -> AsyncIterator[None]:
@@ -135,14 +129,14 @@ class ChatService:
             else:
                 self._locks[channel_id] = (lock, users - 1)
 
-    def reset(self, conversation: Conversation) -> int:
-        self._mark_cleared("channel", conversation.channel_id)
-        return self.history.reset(conversation)
+    async def reset(self, conversation: Conversation) -> int:
+        """Forget one conversation, here and in every process sharing the history; raises `HistoryError`."""
+        return await self.history.reset(conversation)
 
-    def reset_guild(self, guild_id: int) -> int:
-        self._mark_cleared("guild", guild_id)
-        return self.history.reset_guild(guild_id)
+    async def reset_guild(self, guild_id: int) -> int:
+        """Forget every conversation of a server; raises `HistoryError`."""
+        return await self.history.reset_guild(guild_id)
 
-    def forget_user(self, user_id: int) -> int:
-        self._mark_cleared("user", user_id)
-        return self.history.forget_user(user_id)
+    async def forget_user(self, user_id: int) -> int:
+        """Delete every turn written by or to one person; raises `HistoryError`."""
+        return await self.history.forget_user(user_id)

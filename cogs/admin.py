@@ -49,14 +49,14 @@ class Admin(commands.Cog):
             server_permissions = getattr(interaction.user, "guild_permissions", None)
             if server_permissions is None or not server_permissions.manage_messages:
                 raise app_commands.MissingPermissions(["manage_messages"])
-            removed = self.bot.chat.reset_guild(interaction.guild_id)
+            removed = await self.bot.chat.reset_guild(interaction.guild_id)
             log.info("history of guild %s reset by %s (%d turns)", interaction.guild_id, interaction.user.id, removed)
             await interaction.response.send_message(
                 f"Done: I've forgotten every conversation in this server ({removed} messages).", ephemeral=True
             )
             return
         assert interaction.channel_id is not None
-        removed = self.bot.chat.reset(Conversation(interaction.channel_id, interaction.guild_id))
+        removed = await self.bot.chat.reset(Conversation(interaction.channel_id, interaction.guild_id))
         log.info("history of channel %s reset by %s (%d turns)", interaction.channel_id, interaction.user.id, removed)
         await interaction.response.send_message(
             f"Done: I've forgotten this conversation ({removed} messages).", ephemeral=True

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -39,7 +40,7 @@ class Settings:
     device: str = "auto"
     precision: str = "auto"
     history_turns: int = 12
-    history_db: Path = Path("data/history.sqlite3")
+    history_db: Path | str = Path("data/history.sqlite3")  # a Path: an SQLite file; a str: a postgresql:// URL
     dev_guild_id: int | None = None
     log_level: str = "INFO"
     # Generation overrides; None keeps the model's own generation_config value.
@@ -118,6 +119,28 @@ def _bool(key: str, raw: str) -> bool:
     raise SettingsError(f"{key} must be true or false, got {raw!r}")
 
 
+def _history_db(key: str, raw: str) -> Path | str:
+    """A file path (SQLite), or a `postgresql://` / `postgres://` URL checked for shape here; whether the
+    server answers is found out when the bot opens it. Messages never repeat the URL (it may hold a password)."""
+    scheme, sep, _ = raw.partition("://")
+    if not sep or not scheme.isalpha():
+        return Path(raw)
+    if scheme.lower() not in ("postgresql", "postgres"):
+        raise SettingsError(f"{key} must be a file path or a postgresql:// URL, got a {scheme}:// URL")
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise SettingsError(f"{key} is not a valid PostgreSQL URL: {exc}") from None
+    if any(ch.isspace() for ch in raw):
+        raise SettingsError(f"{key} is not a valid PostgreSQL URL: it contains spaces (percent-encode them as %20)")
+    if parts.fragment:
+        raise SettingsError(f"{key} is not a valid PostgreSQL URL: it has a #fragment")
+    if "/" in parts.path.strip("/"):
+        raise SettingsError(f"{key} is not a valid PostgreSQL URL: name one database after the host, as in /dbname")
+    return raw
+
+
 def _text(key: str, raw: str) -> str:
     return raw
 
@@ -133,7 +156,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "DEVICE": ("device", _choice(DEVICES)),
     "PRECISION": ("precision", _choice(PRECISIONS)),
     "HISTORY_TURNS": ("history_turns", _int(0, 1000)),
-    "HISTORY_DB": ("history_db", lambda key, raw: Path(raw)),
+    "HISTORY_DB": ("history_db", _history_db),
     "DEV_GUILD_ID": ("dev_guild_id", _snowflake),
     "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS, upper=True)),
     "NUM_BEAMS": ("num_beams", _int(1, 64)),

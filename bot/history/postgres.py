@@ -1,0 +1,309 @@
+"""History in a PostgreSQL database, shared by every bot process that names it.
+
+Driver: psycopg 3 with its `AsyncConnectionPool` (psycopg_pool). Chosen over asyncpg because it takes
+exactly libpq's connection strings and environment (every URL parameter, `PGPASSWORD`, `~/.pgpass`,
+service files, `sslmode`, unix sockets via `?host=/path`), so `HISTORY_DB` means what it means to
+`psql "$HISTORY_DB"`; and because its errors carry libpq's own messages, which `open` turns into one
+line.
+
+Promises (see `bot.history`): every append is one transaction, committed before the reply is posted;
+resets bump an epoch row in the same transaction as their delete. `append` with `expected` epochs
+first makes sure the epoch rows exist (`INSERT ... ON CONFLICT DO NOTHING`, in a fixed order, so two
+appends never deadlock), then reads them `FOR SHARE`: a reset running at that moment either
+committed already (its new epoch is seen, nothing is stored) or waits for the append to commit and
+then deletes its turns too.
+
+The schema version lives in `history_schema`; an older schema is migrated when a store opens, under
+a transaction-scoped advisory lock so that processes starting together create it once; a newer one
+is refused. PostgreSQL's text cannot hold NUL characters: they are stored as U+FFFD.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, redact
+from bot.types import Conversation, Turn
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# pg_advisory_xact_lock key for creating or migrating the schema ("bothist" in ASCII).
+SCHEMA_LOCK = 0x626F7468697374
+CONNECT_TIMEOUT_S = 10
+POOL_SIZE = 4
+
+_SCHEMA = (
+    """CREATE TABLE turns (
+        id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        channel_id  BIGINT NOT NULL,
+        guild_id    BIGINT,
+        user_id     BIGINT,         -- the person the turn belongs to: its author, or whom the bot answered
+        role        TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+        text        TEXT NOT NULL,
+        created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+        speaker     TEXT            -- display name of whoever said a user turn in a server channel, else NULL
+    )""",
+    "CREATE INDEX turns_by_channel ON turns (channel_id, id)",
+    "CREATE INDEX turns_by_guild ON turns (guild_id)",
+    "CREATE INDEX turns_by_user ON turns (user_id)",
+    """CREATE TABLE epochs (
+        scope  TEXT NOT NULL CHECK (scope IN ('channel', 'guild', 'user')),
+        id     BIGINT NOT NULL,
+        epoch  BIGINT NOT NULL,
+        PRIMARY KEY (scope, id)
+    )""",
+)
+# version -> the statements that bring a database of the version before it up to it
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+# One statement, so one snapshot: the epochs, then the newest turns (none: a single row of NULLs).
+_SNAPSHOT = """
+WITH e AS (
+    SELECT COALESCE((SELECT epoch FROM epochs WHERE scope = 'channel' AND id = %(channel)s), 0) AS channel,
+           COALESCE((SELECT epoch FROM epochs WHERE scope = 'guild' AND id = %(guild)s), 0) AS guild,
+           COALESCE((SELECT epoch FROM epochs WHERE scope = 'user' AND id = %(user)s), 0) AS "user"
+), t AS (
+    SELECT id, role, text, speaker FROM turns WHERE channel_id = %(channel)s ORDER BY id DESC LIMIT %(limit)s
+)
+SELECT e.channel, e.guild, e."user", t.role, t.text, t.speaker FROM e LEFT JOIN t ON true ORDER BY t.id
+"""
+_GET = (
+    "SELECT role, text, speaker FROM"
+    " (SELECT id, role, text, speaker FROM turns WHERE channel_id = %s ORDER BY id DESC LIMIT %s) AS newest"
+    " ORDER BY id"
+)
+_ENSURE_EPOCHS = (
+    "INSERT INTO epochs (scope, id, epoch)"
+    " SELECT scope, id, 0 FROM (VALUES ('channel', %s::bigint), ('guild', %s::bigint), ('user', %s::bigint))"
+    " AS k (scope, id) WHERE id IS NOT NULL ORDER BY scope ON CONFLICT DO NOTHING"
+)
+_LOCK_EPOCHS = (
+    "SELECT scope, epoch FROM epochs WHERE (scope = 'channel' AND id = %s) OR (scope = 'guild' AND id = %s)"
+    " OR (scope = 'user' AND id = %s) ORDER BY scope FOR SHARE"
+)
+_INSERT = (
+    "INSERT INTO turns (channel_id, guild_id, user_id, role, text, speaker) VALUES (%s, %s, %s, %s, %s, %s)"
+)
+_TRIM = (
+    "DELETE FROM turns WHERE channel_id = %s AND id NOT IN"
+    " (SELECT id FROM turns WHERE channel_id = %s ORDER BY id DESC LIMIT %s)"
+)
+_BUMP = (
+    "INSERT INTO epochs (scope, id, epoch) VALUES (%s, %s, 1)"
+    " ON CONFLICT (scope, id) DO UPDATE SET epoch = epochs.epoch + 1"
+)
+
+
+class PostgresHistoryStore:
+    """Turns per conversation in PostgreSQL, newest `max_turns` kept; open with `PostgresHistoryStore.open`."""
+
+    def __init__(self, pool: AsyncConnectionPool, max_turns: int, display: str) -> None:
+        self._pool = pool
+        self.max_turns = max_turns
+        self.display = display  # the URL without its password, for messages
+
+    @classmethod
+    async def open(cls, url: str, max_turns: int, *, pool_size: int = POOL_SIZE) -> PostgresHistoryStore:
+        """Connect, create or migrate the schema, and start the pool.
+
+        One direct connection comes first: the pool retries a failing server for minutes, while a
+        wrong URL, password or database name should be one line at once (`HistoryUnavailable`).
+        """
+        display = redact(url)
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as exc:
+            raise HistoryUnavailable(connect_failure(exc, url)) from None
+        try:
+            async with conn:
+                await migrate(conn, display)
+        except psycopg.Error as exc:
+            raise HistoryUnavailable(f"cannot be used: {first_line(exc, url)}") from None
+        pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max(1, pool_size),
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            timeout=CONNECT_TIMEOUT_S,
+            open=False,
+            name="history",
+        )
+        try:
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+        except (psycopg.Error, PoolTimeout) as exc:
+            await pool.close()
+            raise HistoryUnavailable(f"cannot be reached: {first_line(exc, url)}") from None
+        return cls(pool, max_turns, display)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; a database failure becomes `HistoryError`."""
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise HistoryError(f"PostgreSQL: {first_line(exc)}") from exc
+
+    async def _transaction(self, work: Callable[[psycopg.AsyncCursor[Any]], Awaitable[T]]) -> T:
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            return await work(cur)
+
+    async def get(self, conversation: Conversation) -> list[Turn]:
+        async with self._connection() as conn:
+            cur = await conn.execute(_GET, (conversation.channel_id, self.max_turns))
+            return [Turn(role, text, speaker) for role, text, speaker in await cur.fetchall()]
+
+    async def snapshot(self, conversation: Conversation, user_id: int | None) -> Snapshot:
+        params = {
+            "channel": conversation.channel_id,
+            "guild": conversation.guild_id,
+            "user": user_id,
+            "limit": self.max_turns,
+        }
+        async with self._connection() as conn:
+            rows = await (await conn.execute(_SNAPSHOT, params)).fetchall()
+        epochs = Epochs(int(rows[0][0]), int(rows[0][1]), int(rows[0][2]))
+        return Snapshot([Turn(r[3], r[4], r[5]) for r in rows if r[3] is not None], epochs)
+
+    async def append(
+        self, conversation: Conversation, user_id: int | None, *turns: Turn, expected: Epochs | None = None
+    ) -> bool:
+        keys = (conversation.channel_id, conversation.guild_id, user_id)
+
+        async def write(cur: psycopg.AsyncCursor[Any]) -> bool:
+            if expected is not None:
+                await cur.execute(_ENSURE_EPOCHS, keys)
+                await cur.execute(_LOCK_EPOCHS, keys)
+                found = dict(await cur.fetchall())
+                now = Epochs(
+                    int(found.get("channel", 0)),
+                    int(found.get("guild", 0)) if conversation.guild_id is not None else 0,
+                    int(found.get("user", 0)) if user_id is not None else 0,
+                )
+                if now != expected:
+                    return False
+            await cur.executemany(
+                _INSERT,
+                [(*keys, t.role, _no_nul(t.text), _no_nul(t.speaker) if t.speaker else t.speaker) for t in turns],
+            )
+            await cur.execute(_TRIM, (conversation.channel_id, conversation.channel_id, self.max_turns))
+            return True
+
+        return await self._transaction(write)
+
+    async def _clear(self, scope: str, column: str, ident: int) -> int:
+        async def clear(cur: psycopg.AsyncCursor[Any]) -> int:
+            await cur.execute(_BUMP, (scope, ident))
+            await cur.execute(f"DELETE FROM turns WHERE {column} = %s", (ident,))
+            return cur.rowcount
+
+        return await self._transaction(clear)
+
+    async def reset(self, conversation: Conversation) -> int:
+        return await self._clear("channel", "channel_id", conversation.channel_id)
+
+    async def reset_guild(self, guild_id: int) -> int:
+        return await self._clear("guild", "guild_id", guild_id)
+
+    async def forget_user(self, user_id: int) -> int:
+        return await self._clear("user", "user_id", user_id)
+
+    async def counts(self) -> tuple[int, int]:
+        async with self._connection() as conn:
+            row = await (await conn.execute("SELECT COUNT(DISTINCT channel_id), COUNT(*) FROM turns")).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def schema_version(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The version recorded in the database; 0 where the bot has never created its schema."""
+    cur = await conn.execute("SELECT to_regclass('history_schema') IS NOT NULL")
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return 0
+    row = await (await conn.execute("SELECT version FROM history_schema")).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any], display: str) -> None:
+    """Create or upgrade the schema, one process at a time; refuse a newer one."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        version = await schema_version(conn)  # under the lock: another process may have just done it
+        if version > SCHEMA_VERSION:
+            raise NewerSchema(
+                f"cannot be used: {display} was written by a newer version of the bot"
+                f" (schema {version} > {SCHEMA_VERSION})"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if version == 0:
+            if await _has_table(conn, "turns"):
+                raise HistoryUnavailable(
+                    f"cannot be used: {display} already has a `turns` table that is not the bot's;"
+                    " name an empty database"
+                )
+            for statement in _SCHEMA:
+                await conn.execute(statement)
+            await conn.execute(
+                "CREATE TABLE history_schema (one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),"
+                " version INTEGER NOT NULL)"
+            )
+            await conn.execute("INSERT INTO history_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            log.info("created the history schema (version %d) in %s", SCHEMA_VERSION, display)
+            return
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                await conn.execute(statement)
+        await conn.execute("UPDATE history_schema SET version = %s", (SCHEMA_VERSION,))
+        log.info("migrated %s from schema %d to %d", display, version, SCHEMA_VERSION)
+
+
+async def _has_table(conn: psycopg.AsyncConnection[Any], name: str) -> bool:
+    row = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))).fetchone()
+    return bool(row and row[0])
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
+
+
+def first_line(exc: BaseException, url: str | None = None) -> str:
+    """The first line of a driver message, without any password it could quote."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.removeprefix("connection failed: ").replace("FATAL:  ", "")
+    if url is not None:
+        text = text.replace(url, redact(url))
+    return text
+
+
+def connect_failure(exc: psycopg.Error, url: str) -> str:
+    """Why connecting failed, as the rest of a `HISTORY_DB <url> ...` line: unreachable, login refused,
+    no such database, or libpq's own words."""
+    message = str(exc)
+    lower = message.lower()
+    details = first_line(exc, url)
+    if "does not exist" in lower and "database" in lower:
+        return f"names a database that does not exist ({details}); create it first, e.g. with createdb"
+    if "authentication failed" in lower or "no password supplied" in lower or "pg_hba.conf" in lower:
+        return f"was refused by the server: {details}; check the user name and password"
+    if "role" in lower and "does not exist" in lower:
+        return f"was refused by the server: {details}; check the user name"
+    if any(
+        words in lower
+        for words in ("connection refused", "could not translate host", "timeout expired", "no such file", "resolve")
+    ):
+        return f"cannot be reached: {details}; is the PostgreSQL server running there?"
+    return f"cannot be used: {details}"

@@ -1,0 +1,261 @@
+"""History in an SQLite file: bounded, persistent, and safe across crashes; one process at a time.
+
+WAL mode with `synchronous=NORMAL` keeps every committed turn through a process crash (`kill -9`);
+each append is one transaction, so a file is never left half-written. The schema version lives in
+`PRAGMA user_version`; an older file is migrated in place when it is opened (one transaction), a
+newer one is refused.
+
+Every call runs on one worker thread of the store's own (a single-thread executor): the event loop
+never waits on the disk, and the connection is only ever used by one thread at a time, so a
+transaction is never interleaved with another call.
+
+Versions: 1 is the first schema; 2 adds `speaker`, the display name of whoever said a user turn in a
+server channel (turns stored by version 1 read back with no speaker); 3 adds `epochs`, how often
+each channel, server and user has been cleared (see `bot.history`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot
+from bot.types import Conversation, Turn
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 3
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS turns (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id   INTEGER NOT NULL,
+    guild_id     INTEGER,
+    user_id      INTEGER,          -- the person the turn belongs to: its author, or whom the bot answered
+    role         TEXT NOT NULL CHECK (role IN ('user', 'bot')),
+    text         TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    speaker      TEXT              -- display name of whoever said a user turn in a server channel, else NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_channel ON turns (channel_id, id);
+CREATE INDEX IF NOT EXISTS turns_by_guild ON turns (guild_id);
+CREATE INDEX IF NOT EXISTS turns_by_user ON turns (user_id);
+"""
+
+_EPOCHS = """
+CREATE TABLE IF NOT EXISTS epochs (
+    scope  TEXT NOT NULL CHECK (scope IN ('channel', 'guild', 'user')),
+    id     INTEGER NOT NULL,
+    epoch  INTEGER NOT NULL,
+    PRIMARY KEY (scope, id)
+) WITHOUT ROWID
+"""
+
+# version -> the statements that bring a file of the version before it up to it
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE turns ADD COLUMN speaker TEXT",),
+    3: (_EPOCHS,),
+}
+
+# A missing row is epoch 0; a NULL id (a DM has no server, the console no user) matches no row.
+_READ_EPOCHS = (
+    "SELECT COALESCE((SELECT epoch FROM epochs WHERE scope = 'channel' AND id = ?), 0),"
+    " COALESCE((SELECT epoch FROM epochs WHERE scope = 'guild' AND id = ?), 0),"
+    " COALESCE((SELECT epoch FROM epochs WHERE scope = 'user' AND id = ?), 0)"
+)
+_BUMP = "INSERT INTO epochs (scope, id, epoch) VALUES (?, ?, 1) ON CONFLICT (scope, id) DO UPDATE SET epoch = epoch + 1"
+
+
+class SQLiteHistoryStore:
+    """Turns per conversation in one SQLite file (or `:memory:`), newest `max_turns` kept.
+
+    The constructor opens the file on the calling thread (handy in synchronous test fixtures);
+    async code uses `open`, which does it off the event loop.
+    """
+
+    def __init__(self, path: str | Path, max_turns: int) -> None:
+        self.path = str(path)
+        self.max_turns = max_turns
+        self._db = _connect(self.path)
+        try:
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise HistoryUnavailable(f"cannot be used: {exc}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-sqlite")
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | Path, max_turns: int) -> SQLiteHistoryStore:
+        return await asyncio.to_thread(cls, path, max_turns)
+
+    def _version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise NewerSchema(
+                f"cannot be used: {self.path} was written by a newer version of the bot"
+                f" (schema {version} > {SCHEMA_VERSION})"
+            )
+        return version
+
+    def _migrate(self) -> None:
+        if self._version() == SCHEMA_VERSION:
+            return
+        with self._transaction():
+            version = self._version()  # again, under the write lock: another process may have just migrated it
+            if version < 1:  # a new file: the current schema at once
+                for statement in [*_SCHEMA.split(";"), _EPOCHS]:
+                    if statement.strip():
+                        self._db.execute(statement)
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        self._db.execute(statement)
+                log.info("migrated %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the file's write lock from its start: committed or rolled back whole."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        """Run `work` on the store's thread; an SQLite failure becomes `HistoryError`."""
+        if self._closed:
+            raise HistoryError("the history store is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"SQLite: {exc}") from exc
+
+    def _get(self, conversation: Conversation) -> list[Turn]:
+        rows = self._db.execute(
+            "SELECT role, text, speaker FROM"
+            " (SELECT id, role, text, speaker FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)"
+            " ORDER BY id",
+            (conversation.channel_id, self.max_turns),
+        ).fetchall()
+        return [Turn(role, text, speaker) for role, text, speaker in rows]
+
+    def _epochs(self, conversation: Conversation, user_id: int | None) -> Epochs:
+        row = self._db.execute(_READ_EPOCHS, (conversation.channel_id, conversation.guild_id, user_id)).fetchone()
+        return Epochs(int(row[0]), int(row[1]), int(row[2]))
+
+    async def get(self, conversation: Conversation) -> list[Turn]:
+        return await self._run(lambda: self._get(conversation))
+
+    async def snapshot(self, conversation: Conversation, user_id: int | None) -> Snapshot:
+        def read() -> Snapshot:
+            self._db.execute("BEGIN")  # one read transaction: turns and epochs from the same moment
+            try:
+                return Snapshot(self._get(conversation), self._epochs(conversation, user_id))
+            finally:
+                self._db.execute("COMMIT")
+
+        return await self._run(read)
+
+    async def append(
+        self, conversation: Conversation, user_id: int | None, *turns: Turn, expected: Epochs | None = None
+    ) -> bool:
+        now = time.time()
+
+        def write() -> bool:
+            with self._transaction():
+                if expected is not None and self._epochs(conversation, user_id) != expected:
+                    return False
+                self._db.executemany(
+                    "INSERT INTO turns (channel_id, guild_id, user_id, role, text, created_at, speaker)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (conversation.channel_id, conversation.guild_id, user_id, t.role, t.text, now, t.speaker)
+                        for t in turns
+                    ],
+                )
+                self._db.execute(
+                    "DELETE FROM turns WHERE channel_id = ? AND id NOT IN"
+                    " (SELECT id FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)",
+                    (conversation.channel_id, conversation.channel_id, self.max_turns),
+                )
+                return True
+
+        return await self._run(write)
+
+    async def _clear(self, scope: str, column: str, ident: int) -> int:
+        def clear() -> int:
+            with self._transaction():
+                self._db.execute(_BUMP, (scope, ident))
+                return self._db.execute(f"DELETE FROM turns WHERE {column} = ?", (ident,)).rowcount
+
+        return await self._run(clear)
+
+    async def reset(self, conversation: Conversation) -> int:
+        return await self._clear("channel", "channel_id", conversation.channel_id)
+
+    async def reset_guild(self, guild_id: int) -> int:
+        return await self._clear("guild", "guild_id", guild_id)
+
+    async def forget_user(self, user_id: int) -> int:
+        return await self._clear("user", "user_id", user_id)
+
+    async def counts(self) -> tuple[int, int]:
+        row = await self._run(lambda: self._db.execute("SELECT COUNT(DISTINCT channel_id), COUNT(*) FROM turns").fetchone())
+        return int(row[0]), int(row[1])
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True  # calls made from now on are refused; those already queued run first
+        await asyncio.get_running_loop().run_in_executor(self._worker, self._close)
+        self._worker.shutdown(wait=True)
+
+    def _close(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("could not checkpoint the history database: %s", exc)
+        self._db.close()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """The connection, set up for WAL; a path that cannot hold a database is `HistoryUnavailable`."""
+    if path != ":memory:":
+        target = Path(path)
+        if target.is_dir():
+            raise HistoryUnavailable(f"is a folder; name a file, such as {target / 'history.sqlite3'}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = f"{exc.strerror} ({exc.filename})" if exc.strerror else str(exc)
+            raise HistoryUnavailable(f"cannot be created: {reason}") from exc
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise HistoryUnavailable(f"cannot be created: {exc}") from exc
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # the first read: fails here if the file is not a database
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if "not a database" in str(exc):
+            raise HistoryUnavailable("is not an SQLite database; name a new file or the bot's own") from exc
+        raise HistoryUnavailable(f"cannot be used: {exc}") from exc
+    return db
