@@ -3,13 +3,13 @@
 A pytest plugin (see `pytest_plugins` in tests/conftest.py): its fixtures reach every test without an import."""
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from bot.chat import ChatService
-from bot.history import HistoryStore
+from bot.history.sqlite import SQLiteHistoryStore
 from bot.types import Turn
 
 
@@ -56,6 +56,8 @@ def scripted_engine() -> ScriptedEngine:
 
 
 @pytest.fixture
-def chat(scripted_engine: ScriptedEngine, tmp_path: Path) -> ChatService:
-    """The chat service over `scripted_engine` and a history file of its own."""
-    return ChatService(scripted_engine, HistoryStore(tmp_path / "h.sqlite3", max_turns=10))
+async def chat(scripted_engine: ScriptedEngine, tmp_path: Path) -> AsyncIterator[ChatService]:
+    """The chat service over `scripted_engine` and a history file of its own (closed after the test)."""
+    history = await SQLiteHistoryStore.open(tmp_path / "h.sqlite3", max_turns=10)
+    yield ChatService(scripted_engine, history)
+    await history.close()

@@ -55,21 +55,21 @@ async def test_failures_become_notices_and_store_nothing(
     reply = await chat.respond(A, 7, "hi")
     assert reply.text == text and not reply.ok
     assert "Traceback" not in reply.text and "CUDA" not in reply.text
-    assert chat.history.get(A) == []
+    assert await chat.history.get(A) == []
 
 
 async def test_blank_model_output_gets_a_notice(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
     scripted_engine.answer = "   "
     reply = await chat.respond(A, 7, "hi")
     assert reply.text == EMPTY_REPLY_TEXT and not reply.ok
-    assert chat.history.get(A) == []
+    assert await chat.history.get(A) == []
 
 
 async def test_reset_forget_and_in_flight(chat: ChatService) -> None:
     await chat.respond(A, 7, "a")
     await chat.respond(B, 8, "b")
-    assert chat.forget_user(8) == 2 and chat.history.get(B) == []
-    assert chat.reset(A) == 2 and chat.history.get(A) == []
+    assert await chat.forget_user(8) == 2 and await chat.history.get(B) == []
+    assert await chat.reset(A) == 2 and await chat.history.get(A) == []
     assert chat.in_flight == 0
 
 
@@ -80,7 +80,7 @@ async def test_clearing_during_a_reply_is_not_undone(
     scripted_engine.gate = asyncio.Event()
     replying = asyncio.create_task(chat.respond(A, 7, "secret"))
     await asyncio.sleep(0.01)
-    {
+    await {
         "reset": lambda: chat.reset(A),
         "reset_guild": lambda: chat.reset_guild(100),
         "forget_user": lambda: chat.forget_user(7),
@@ -88,22 +88,22 @@ async def test_clearing_during_a_reply_is_not_undone(
     scripted_engine.gate.set()
     reply = await replying
     assert reply.text == "re: secret"  # the user still gets the answer...
-    assert chat.history.get(A) == []  # ...but the cleared history stays cleared
+    assert await chat.history.get(A) == []  # ...but the cleared history stays cleared
     await chat.respond(A, 7, "after")
-    assert len(chat.history.get(A)) == 2  # later replies are stored again
+    assert len(await chat.history.get(A)) == 2  # later replies are stored again
 
 
 async def test_database_trouble_is_a_notice_or_a_plain_answer(
     chat: ChatService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sqlite3
+    from bot.history import HistoryError
 
-    def broken(*args: object) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise HistoryError("SQLite: disk I/O error")
 
     monkeypatch.setattr(chat.history, "append", broken)
     assert (await chat.respond(A, 7, "hi")).text == "re: hi"  # answered, even though it could not be stored
-    monkeypatch.setattr(chat.history, "get", broken)
+    monkeypatch.setattr(chat.history, "snapshot", broken)
     reply = await chat.respond(A, 7, "hi")
     assert reply.text == ERROR_TEXT and not reply.ok
 
@@ -118,7 +118,7 @@ async def test_partial_replies_reach_the_caller_and_only_the_whole_is_stored(
     reply = await chat.respond(Conversation(5), 1, "count", on_partial=partials.append)
     assert partials == ["one", "one two", "one two three", "one two three four"]
     assert reply == Reply("one two three four")
-    assert chat.history.get(Conversation(5)) == [Turn("user", "count"), Turn("bot", "one two three four")]
+    assert await chat.history.get(Conversation(5)) == [Turn("user", "count"), Turn("bot", "one two three four")]
 
 
 async def test_a_reply_cut_off_mid_stream_is_a_notice_and_stores_nothing(
@@ -130,7 +130,7 @@ async def test_a_reply_cut_off_mid_stream_is_a_notice_and_stores_nothing(
     reply = await chat.respond(Conversation(6), 1, "go", on_partial=partials.append)
     assert partials == ["a", "a b"]
     assert reply == Reply(TIMEOUT_TEXT, ok=False)
-    assert chat.history.get(Conversation(6)) == []
+    assert await chat.history.get(Conversation(6)) == []
 
 
 async def test_speaker_reaches_the_engine_and_is_stored(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
@@ -141,6 +141,6 @@ async def test_speaker_reaches_the_engine_and_is_stored(chat: ChatService, scrip
         Turn("bot", "re: hi"),
         Turn("user", "and me", "Bob"),
     ]
-    assert chat.history.get(A)[-2:] == [Turn("user", "and me", "Bob"), Turn("bot", "re: and me")]
+    assert (await chat.history.get(A))[-2:] == [Turn("user", "and me", "Bob"), Turn("bot", "re: and me")]
     await chat.respond(Conversation(9), 7, "in a DM")  # no speaker: none stored
-    assert chat.history.get(Conversation(9))[0] == Turn("user", "in a DM", None)
+    assert (await chat.history.get(Conversation(9)))[0] == Turn("user", "in a DM", None)

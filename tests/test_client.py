@@ -7,14 +7,14 @@ import pytest
 
 from bot.chat import ChatService
 from bot.client import ChatBot
-from bot.history import HistoryStore
+from bot.history.sqlite import SQLiteHistoryStore
 from config.settings import Settings
 from tests.scripted_engine import ScriptedEngine
 
 
 @pytest.fixture
 async def bot(tmp_path: Path) -> ChatBot:
-    chat = ChatService(ScriptedEngine(), HistoryStore(tmp_path / "h.sqlite3", max_turns=4))
+    chat = ChatService(ScriptedEngine(), SQLiteHistoryStore(tmp_path / "h.sqlite3", max_turns=4))
     return ChatBot(settings=Settings(discord_token="x", dev_guild_id=123456789012345678), chat=chat)
 
 
@@ -43,6 +43,6 @@ def test_no_warnings_about_voice_libraries(
     """discord.py warns once per process that PyNaCl and davey are missing; this bot never joins voice."""
     monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
     monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
-    chat = ChatService(ScriptedEngine(), HistoryStore(tmp_path / "h.sqlite3", max_turns=4))
+    chat = ChatService(ScriptedEngine(), SQLiteHistoryStore(tmp_path / "h.sqlite3", max_turns=4))
     ChatBot(settings=Settings(discord_token="x"), chat=chat)
     assert "voice" not in caplog.text

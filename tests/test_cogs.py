@@ -189,7 +189,7 @@ async def test_dm_needs_no_mention(bot: FakeBot, chat: ChatService) -> None:
     message = FakeMessage("hi there", guild=None, channel=FakeChannel(id=5))
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert message.channel.sent[0]["content"] == "re: hi there"
-    assert chat.history.get(Conversation(5)) == [Turn("user", "hi there"), Turn("bot", "re: hi there")]
+    assert await chat.history.get(Conversation(5)) == [Turn("user", "hi there"), Turn("bot", "re: hi there")]
 
 
 @pytest.mark.parametrize(
@@ -358,12 +358,12 @@ async def test_reset_channel_and_server(bot: FakeBot, chat: ChatService) -> None
     interaction = FakeInteraction(channel_id=1)
     await Admin.reset.callback(cog, interaction, "channel")  # type: ignore[arg-type]
     assert interaction.response.sent == [("Done: I've forgotten this conversation (2 messages).", True)]
-    assert chat.history.get(Conversation(1)) == [] and chat.history.get(Conversation(2))
+    assert await chat.history.get(Conversation(1)) == [] and await chat.history.get(Conversation(2))
     moderator = FakeUser(7, guild_permissions=discord.Permissions(manage_messages=True))
     interaction = FakeInteraction(channel_id=2, user=moderator)
     await Admin.reset.callback(cog, interaction, "server")  # type: ignore[arg-type]
     assert "every conversation in this server (2 messages)" in interaction.response.sent[0][0]
-    assert chat.history.get(Conversation(3)) != []
+    assert await chat.history.get(Conversation(3)) != []
 
 
 async def test_server_reset_in_a_dm_is_explained(bot: FakeBot) -> None:
@@ -422,10 +422,10 @@ async def test_server_reset_needs_server_wide_permission(bot: FakeBot, chat: Cha
     assert manage_messages_or_dm(interaction)  # type: ignore[arg-type]
     with pytest.raises(app_commands.MissingPermissions):
         await Admin.reset.callback(Admin(bot), interaction, "server")  # type: ignore[arg-type]
-    assert chat.history.get(Conversation(2)) != []
+    assert await chat.history.get(Conversation(2)) != []
     admin = FakeInteraction(user=FakeUser(7, guild_permissions=discord.Permissions(manage_messages=True)))
     await Admin.reset.callback(Admin(bot), admin, "server")  # type: ignore[arg-type]
-    assert chat.history.get(Conversation(2)) == []
+    assert await chat.history.get(Conversation(2)) == []
 
 
 async def test_failing_chat_service_still_answers(bot: FakeBot, monkeypatch: pytest.MonkeyPatch) -> None:

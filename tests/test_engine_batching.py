@@ -12,7 +12,7 @@ import torch
 
 from bot.chat import BUSY_TEXT, ChatService
 from bot.engine import Engine, EngineBusy
-from bot.history import HistoryStore
+from bot.history.sqlite import SQLiteHistoryStore
 from bot.types import Conversation, Turn
 from tests.conftest import engine_config
 
@@ -123,20 +123,21 @@ class RecordingEngine:
 async def test_chat_service_keeps_order_within_a_conversation(tiny_model_dir: Path) -> None:
     async with Engine(engine_config(tiny_model_dir)) as engine:
         recording = RecordingEngine(engine)
-        chat = ChatService(recording, HistoryStore(":memory:", max_turns=50))
+        chat = ChatService(recording, SQLiteHistoryStore(":memory:", max_turns=50))
         here, other = Conversation(1), Conversation(2)
         said = ["first message", "second message", "third message"]
         results = await asyncio.gather(
             *(chat.respond(here, 7, text) for text in said), chat.respond(other, 8, "somewhere else")
         )
         assert all(r.ok for r in results)
-        history = chat.history.get(here)
+        history = await chat.history.get(here)
         assert [t.text for t in history if t.role == "user"] == said
         assert [t.role for t in history] == ["user", "bot"] * 3
         # each step saw the previous replies: the second request's history holds the first answer
         mine = [h for h in recording.seen if h[-1].text in said]
         assert [len(h) for h in mine] == [1, 3, 5]
-        assert chat.history.get(other)[0].text == "somewhere else"
+        assert (await chat.history.get(other))[0].text == "somewhere else"
+        await chat.history.close()
 
 
 async def test_full_queue_refuses_at_once_and_chat_says_busy(tiny_model_dir: Path) -> None:
@@ -160,10 +161,11 @@ async def test_full_queue_refuses_at_once_and_chat_says_busy(tiny_model_dir: Pat
         assert engine.stats().queue_depth == 2 and engine.stats().running == 1
         with pytest.raises(EngineBusy):
             await engine.reply([Turn("user", "one too many")])
-        chat = ChatService(engine, HistoryStore(":memory:", max_turns=10))
+        chat = ChatService(engine, SQLiteHistoryStore(":memory:", max_turns=10))
         busy = await chat.respond(Conversation(5), 1, "are you there?")
         assert busy.text == BUSY_TEXT and not busy.ok
-        assert chat.history.get(Conversation(5)) == []  # a refusal is not stored
+        assert await chat.history.get(Conversation(5)) == []  # a refusal is not stored
+        await chat.history.close()
         release.set()
         answers = await asyncio.gather(first, *waiting)
         assert all(isinstance(a, str) for a in answers)

@@ -24,7 +24,7 @@ from bot.__main__ import (
 )
 from bot.chat import ChatService
 from bot.engine import Engine
-from bot.history import HistoryStore
+from bot.history import open_store
 from bot.types import Conversation, Turn
 from tests.scripted_engine import ScriptedEngine
 
@@ -73,6 +73,33 @@ def test_bad_history_db_is_one_line_naming_the_key(tmp_path: Path, history_db: s
     assert result.returncode == 2
     assert result.stderr.strip() == result.stderr.strip().splitlines()[0], result.stderr
     assert result.stderr.startswith(f"Configuration error: HISTORY_DB {history_db} ") and says in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("which", "says"),
+    [
+        ("wrong password", "was refused by the server"),
+        ("no such database", "names a database that does not exist"),
+        ("unreachable", "cannot be reached"),
+    ],
+)
+def test_unusable_postgresql_history_db_is_one_line_without_the_password(
+    tmp_path: Path, request: pytest.FixtureRequest, which: str, says: str
+) -> None:
+    if which == "unreachable":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # nothing listens there once the socket is closed
+        url, shown = f"postgresql://bot:hunter2@127.0.0.1:{port}/chat", f"postgresql://bot:***@127.0.0.1:{port}/chat"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        url = server.url("nope") if which == "no such database" else server.url(password="hunter2")
+        shown = url.replace(url.split(":")[2].split("@")[0], "***")
+    result = run_bot(tmp_path, env={"HISTORY_DB": url, "DISCORD_TOKEN": "x"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0], result.stderr
+    assert result.stderr.startswith(f"Configuration error: HISTORY_DB {shown} ") and says in result.stderr
+    assert "hunter2" not in result.stderr and "s3cret" not in result.stderr
 
 
 def test_bad_setting_is_one_clear_line(tmp_path: Path) -> None:
@@ -133,9 +160,9 @@ def test_console_answers_with_an_int8_model(tmp_path: Path, tiny_model_dir: Path
 async def test_console_keeps_its_own_history(tmp_path: Path, tiny_model_dir: Path, tiny_engine: Engine) -> None:
     db = tmp_path / "h.sqlite3"  # HISTORY_DB, as run_bot sets it
     discord_turns = [Turn("user", "do you have any pets"), Turn("bot", "yes i have a dog")]
-    store = HistoryStore(db, max_turns=12)
-    store.append(Conversation(channel_id=0), 5, *discord_turns)  # channel 0: where the console used to write
-    store.close()
+    store = await open_store(db, max_turns=12)
+    await store.append(Conversation(channel_id=0), 5, *discord_turns)  # channel 0: where the console used to write
+    await store.close()
     result = await asyncio.to_thread(
         run_bot,
         tmp_path,
@@ -152,9 +179,9 @@ async def test_console_keeps_its_own_history(tmp_path: Path, tiny_model_dir: Pat
     # ...and the console's commands are the console's, never sent to the model.
     assert replies[1:4] == [CONSOLE_HELP, CONSOLE_UNKNOWN.format(command="/shrug"), "(history cleared)"]
     assert replies[4] == replies[0]  # after /reset, a fresh conversation again
-    store = HistoryStore(db, max_turns=12)
-    assert store.counts() == (1, 2) and store.get(Conversation(channel_id=0)) == discord_turns
-    store.close()
+    store = await open_store(db, max_turns=12)
+    assert await store.counts() == (1, 2) and await store.get(Conversation(channel_id=0)) == discord_turns
+    await store.close()
     # Logs into a pipe or a file carry no colour codes.
     assert "loading " in result.stderr and "\x1b[" not in result.stderr
 

@@ -69,6 +69,11 @@ def test_empty_values_mean_default() -> None:
         ("CONTEXT_TOKENS", "131073"),
         ("CONTEXT_TOKENS", "2k"),
         ("SAMPLING", "sometimes"),
+        ("HISTORY_DB", "postgresql://bot:hunter2@db:port/chat"),
+        ("HISTORY_DB", "postgresql://bot:hunter2@db:99999/chat"),
+        ("HISTORY_DB", "postgres://bot:hunter2@[::1/chat"),
+        ("HISTORY_DB", "postgresql://bot:hunter2@db/chat/extra"),
+        ("HISTORY_DB", "mysql://bot:hunter2@db/chat"),
     ],
 )
 def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
@@ -76,6 +81,21 @@ def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
         load_settings({key: value}, env_file=None)
     message = str(err.value)
     assert message.startswith(key) and "\n" not in message
+    assert "hunter2" not in message  # a database password is never repeated
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        ("data/h.sqlite3", Path("data/h.sqlite3")),
+        ("/var/lib/bot/history.sqlite3", Path("/var/lib/bot/history.sqlite3")),
+        ("postgresql://bot:pw@db.example:5432/chat", "postgresql://bot:pw@db.example:5432/chat"),
+        ("postgres://db/chat?sslmode=require", "postgres://db/chat?sslmode=require"),
+        ("postgresql:///chat?host=/run/postgresql", "postgresql:///chat?host=/run/postgresql"),
+    ],
+)
+def test_history_db_is_a_path_or_a_postgresql_url(raw: str, parsed: Path | str) -> None:
+    assert load_settings({"HISTORY_DB": raw}, env_file=None).history_db == parsed
 
 
 def test_min_above_max_new_tokens_rejected() -> None:

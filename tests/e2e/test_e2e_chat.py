@@ -54,7 +54,7 @@ async def test_mention_in_channel_gets_a_reply_after_typing(harness: BotHarness)
     assert typing and typing[0].time <= post.time
     assert post.json["allowed_mentions"] == QUIET
     assert post.json["message_reference"]["fail_if_not_exists"] is False
-    assert harness.history.get(conversation(w.general)) == [
+    assert await harness.history.get(conversation(w.general)) == [
         Turn("user", "hello there", speaker="Bob"),  # in a server, who said it is kept
         Turn("bot", reply["content"]),
     ]
@@ -71,8 +71,8 @@ async def test_mention_inside_a_thread_is_answered_in_the_thread(harness: BotHar
     reply = await fake.wait_reply(message)
     assert reply["channel_id"] == str(w.thread.id)
     assert fake.typing_calls(w.thread)
-    assert len(harness.history.get(conversation(w.thread))) == 2
-    assert harness.history.get(conversation(w.general)) == []  # the parent channel is another conversation
+    assert len(await harness.history.get(conversation(w.thread))) == 2
+    assert await harness.history.get(conversation(w.general)) == []  # the parent channel is another conversation
 
 
 async def test_dm_is_answered_without_a_mention(harness: BotHarness) -> None:
@@ -84,7 +84,7 @@ async def test_dm_is_answered_without_a_mention(harness: BotHarness) -> None:
     assert "guild_id" not in reply
     assert reply["content"] == await harness.engine.reply([Turn("user", "hello there")])
     assert fake.typing_calls(dm)
-    assert harness.history.get(Conversation(dm.id)) == [Turn("user", "hello there"), Turn("bot", reply["content"])]
+    assert await harness.history.get(Conversation(dm.id)) == [Turn("user", "hello there"), Turn("bot", reply["content"])]
 
 
 async def test_silence_without_mention_and_for_bots_and_webhooks(harness: BotHarness) -> None:
@@ -99,7 +99,7 @@ async def test_silence_without_mention_and_for_bots_and_webhooks(harness: BotHar
     answered = [m["message_reference"]["message_id"] for m in fake.messages_by_bot(w.general)]
     assert answered == [probe["id"]]
     assert len(fake.typing_calls(w.general)) == 1
-    assert len(harness.history.get(conversation(w.general))) == 2  # only the probe and its answer
+    assert len(await harness.history.get(conversation(w.general))) == 2  # only the probe and its answer
 
 
 async def test_mention_of_the_bots_managed_role_works_and_is_stripped(harness: BotHarness) -> None:
@@ -107,7 +107,7 @@ async def test_mention_of_the_bots_managed_role_works_and_is_stripped(harness: B
     message = await fake.send(w.member, w.general, f"{w.bot_role.mention} hello there")
     reply = await fake.wait_reply(message)
     assert reply["content"] == await harness.engine.reply([Turn("user", "hello there")])
-    assert harness.history.get(conversation(w.general))[0] == Turn("user", "hello there", speaker="Bob")
+    assert (await harness.history.get(conversation(w.general)))[0] == Turn("user", "hello there", speaker="Bob")
 
 
 async def test_a_bare_mention_gets_a_hint(harness: BotHarness) -> None:
@@ -115,7 +115,7 @@ async def test_a_bare_mention_gets_a_hint(harness: BotHarness) -> None:
     message = await fake.send(w.member, w.general, w.bot_user.mention)
     reply = await fake.wait_reply(message)
     assert reply["content"] == EMPTY_MENTION_TEXT
-    assert harness.history.get(conversation(w.general)) == []
+    assert await harness.history.get(conversation(w.general)) == []
 
 
 async def test_history_is_per_channel_and_replies_are_reproducible(harness: BotHarness) -> None:
@@ -139,7 +139,7 @@ async def test_history_is_per_channel_and_replies_are_reproducible(harness: BotH
     assert a2 != b1
     # ...and B's second reply saw B's own history, nothing of A's.
     assert b2 == await harness.engine.reply([Turn("user", second), Turn("bot", b1), Turn("user", first)])
-    assert len(harness.history.get(conversation(a))) == 4
+    assert len(await harness.history.get(conversation(a))) == 4
 
 
 async def test_nothing_the_bot_posts_can_ping(harness: BotHarness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +150,7 @@ async def test_nothing_the_bot_posts_can_ping(harness: BotHarness, monkeypatch: 
     )
     assert message["mention_everyone"] is True
     reply = await fake.wait_reply(message)
-    assert harness.history.get(conversation(w.general))[0] == Turn(
+    assert (await harness.history.get(conversation(w.general)))[0] == Turn(
         "user", "hi @everyone and @Fans and @Alice", speaker="The Owner"
     )
 
@@ -177,7 +177,7 @@ async def test_a_long_reply_arrives_split(bot_factory: BotFactory, long_model_di
     fake, w = harness.fake, harness.fake.world
     message = await fake.mention(w.member, w.general, "hello there")
     first = await fake.wait_reply(message, timeout=60)
-    history = harness.history.get(conversation(w.general))
+    history = await harness.history.get(conversation(w.general))
     full = history[-1].text
     assert len(full) > 2000
     squash = re.compile(r"\s+")
@@ -207,7 +207,7 @@ async def test_engine_failure_gives_a_short_apology(harness: BotHarness, monkeyp
     assert reply == ERROR_TEXT
     assert "Traceback" not in reply and "CUDA" not in reply and "Error" not in reply
     assert len(reply) < 200
-    assert harness.history.get(conversation(w.general)) == []  # an apology is not history
+    assert await harness.history.get(conversation(w.general)) == []  # an apology is not history
     assert any(r.name.startswith("bot.") for r in harness.errors.records)  # but the failure is logged
 
     # Once the model works again, so does the bot.
@@ -233,14 +233,14 @@ async def test_replying_to_the_bot_continues_the_conversation(harness: BotHarnes
     follow_up = await fake.send(w.member, w.general, "what do you like to do for fun", reply_to=answer)
     assert follow_up["referenced_message"]["id"] == answer["id"]  # Discord sends the replied-to message along
     reply = await fake.wait_reply(follow_up)
-    turns = harness.history.get(conversation(w.general))
+    turns = await harness.history.get(conversation(w.general))
     assert turns[2] == Turn("user", "what do you like to do for fun", speaker="Bob")
     assert reply["content"] == await harness.engine.reply(turns[:3])
     # ...and so is one with the ping switched off (Discord lets the replier turn it off).
     quiet = await fake.send(w.carol, w.general, "do you have any pets", reply_to=reply, ping_author=False)
     assert all(u["id"] != str(w.bot_user.id) for u in quiet["mentions"])
     quiet_reply = await fake.wait_reply(quiet)
-    turns = harness.history.get(conversation(w.general))
+    turns = await harness.history.get(conversation(w.general))
     assert turns[4:] == [Turn("user", "do you have any pets", speaker="Carol"), Turn("bot", quiet_reply["content"])]
     # A reply to somebody else's message, without a mention, is not for the bot.
     await fake.send(w.carol, w.general, "same here", reply_to=first, ping_author=False)
@@ -296,7 +296,7 @@ async def test_cooldown_warns_once_then_stays_quiet(bot_factory: BotFactory) -> 
     probe = await settle(fake, w.general)  # Carol has her own cooldown
     answered = [m["message_reference"]["message_id"] for m in fake.messages_by_bot(w.general)]
     assert len(answered) == 3 and answered[1:] == [too_soon["id"], probe["id"]]
-    assert len(harness.history.get(conversation(w.general))) == 4  # only answered messages are history
+    assert len(await harness.history.get(conversation(w.general))) == 4  # only answered messages are history
 
 
 async def test_an_attachment_without_text_gets_an_explanation(harness: BotHarness) -> None:
@@ -309,4 +309,4 @@ async def test_while_shutting_down_new_messages_are_told_so(harness: BotHarness)
     fake, w = harness.fake, harness.fake.world
     harness.bot.stop_accepting()  # what run_discord does first on SIGTERM
     assert await fake.ask(w.member, w.general, "hello there") == CLOSING_TEXT
-    assert harness.history.get(conversation(w.general)) == []
+    assert await harness.history.get(conversation(w.general)) == []

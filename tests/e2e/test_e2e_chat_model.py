@@ -49,7 +49,7 @@ async def test_mention_dm_and_thread_each_keep_their_own_history(harness: BotHar
     assert all(replies)
     for (channel, text), reply in zip(said, replies, strict=True):
         speaker = None if channel.guild_id is None else "Bob"
-        assert harness.history.get(conversation(channel)) == [Turn("user", text, speaker=speaker), Turn("bot", reply)]
+        assert await harness.history.get(conversation(channel)) == [Turn("user", text, speaker=speaker), Turn("bot", reply)]
     assert replies[0] == await harness.engine.reply([Turn("user", "hello there", speaker="Bob")])
 
 
@@ -72,7 +72,7 @@ async def test_reset_forgets_the_conversation(harness: BotHarness) -> None:
     await fake.ask(w.member, w.general, "hello there")
     interaction = await fake.slash(w.admin, w.general, "reset")
     await fake.wait_response(interaction)
-    assert harness.history.get(conversation(w.general)) == []
+    assert await harness.history.get(conversation(w.general)) == []
     await fake.ask(w.member, w.general, "music")
     assert "hello there" not in prompts[-1] and "Bob: music" in prompts[-1]
 
@@ -92,7 +92,7 @@ async def test_a_long_conversation_is_cut_to_fit_the_context(
         await fake.ask(w.member, w.general, f"message number {i} " + "tell me about the stars and music " * 4)
     assert engine.max_input_tokens == 256 - 16
     assert max(sizes) <= engine.max_input_tokens and sizes[-1] > 150  # full, and cut to fit
-    assert len(harness.history.get(conversation(w.general))) == 16  # all of it stored, only the newest sent
+    assert len(await harness.history.get(conversation(w.general))) == 16  # all of it stored, only the newest sent
 
 
 async def test_think_blocks_are_never_posted(harness: BotHarness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,4 +100,4 @@ async def test_think_blocks_are_never_posted(harness: BotHarness, monkeypatch: p
     tokenizer = harness.engine._tokenizer
     monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: "<think>\nthe user greets me</think>\n\nHello!")
     assert await fake.ask(w.member, w.general, "hello there") == "Hello!"
-    assert harness.history.get(conversation(w.general))[-1] == Turn("bot", "Hello!")
+    assert (await harness.history.get(conversation(w.general)))[-1] == Turn("bot", "Hello!")

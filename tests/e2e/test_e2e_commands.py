@@ -71,8 +71,8 @@ async def test_admin_resets_a_channel(harness: BotHarness) -> None:
 
     text = await ephemeral_text(fake, await fake.slash(w.admin, a, "reset"))
     assert text == "Done: I've forgotten this conversation (4 messages)."
-    assert harness.history.get(conversation(a)) == []
-    assert len(harness.history.get(conversation(b))) == 2  # other channels keep their history
+    assert await harness.history.get(conversation(a)) == []
+    assert len(await harness.history.get(conversation(b))) == 2  # other channels keep their history
     # After the reset, A answers exactly like a channel that never talked.
     assert await chat(fake, w.member, a, "what do you like") == await chat(fake, w.member, fresh, "what do you like")
 
@@ -88,9 +88,9 @@ async def test_admin_resets_the_whole_server_but_not_dms(harness: BotHarness) ->
     interaction = await fake.slash(w.admin, w.random, "reset", scope="server")
     text = await ephemeral_text(fake, interaction)
     assert text == "Done: I've forgotten every conversation in this server (6 messages)."
-    assert harness.history.get(conversation(w.general)) == []
-    assert harness.history.get(conversation(w.thread)) == []
-    assert len(harness.history.get(Conversation(dm.id))) == 2  # a DM belongs to no server
+    assert await harness.history.get(conversation(w.general)) == []
+    assert await harness.history.get(conversation(w.thread)) == []
+    assert len(await harness.history.get(Conversation(dm.id))) == 2  # a DM belongs to no server
     expected = await chat(fake, w.admin, fresh, "what do you like")
     assert await chat(fake, w.member, w.general, "what do you like") == expected
     assert await chat(fake, w.carol, w.thread, "what do you like") == expected
@@ -106,7 +106,7 @@ async def test_plain_member_cannot_reset(harness: BotHarness) -> None:
     for options in ({}, {"scope": "server"}):
         text = await ephemeral_text(fake, await fake.slash(w.member, w.general, "reset", force=True, **options))
         assert "Manage Messages" in text
-    assert len(harness.history.get(conversation(w.general))) == 2
+    assert len(await harness.history.get(conversation(w.general))) == 2
 
 
 async def test_reset_in_a_dm_by_the_user(harness: BotHarness) -> None:
@@ -118,8 +118,8 @@ async def test_reset_in_a_dm_by_the_user(harness: BotHarness) -> None:
     interaction = await fake.slash(w.member, dm, "reset")  # no permission needed for your own DM
     assert interaction.payload["context"] == 1 and "member" not in interaction.payload
     assert await ephemeral_text(fake, interaction) == "Done: I've forgotten this conversation (4 messages)."
-    assert harness.history.get(Conversation(dm.id)) == []
-    assert len(harness.history.get(conversation(w.general))) == 2
+    assert await harness.history.get(Conversation(dm.id)) == []
+    assert len(await harness.history.get(conversation(w.general))) == 2
 
     text = await ephemeral_text(fake, await fake.slash(w.member, dm, "reset", scope="server"))
     assert "no server" in text
@@ -145,8 +145,8 @@ async def test_forget_me_deletes_only_my_messages_everywhere(harness: BotHarness
 
     text = await ephemeral_text(fake, await fake.slash(w.member, w.random, "forget-me"))
     assert text == "Done: I've deleted 4 stored messages of our conversations, everywhere."
-    assert harness.history.get(Conversation(dm.id)) == []
-    remaining = harness.history.get(conversation(w.general))
+    assert await harness.history.get(Conversation(dm.id)) == []
+    remaining = await harness.history.get(conversation(w.general))
     assert [t.text for t in remaining if t.role == "user"] == ["do you have any pets"]
     assert remaining[0] == Turn("user", "do you have any pets", speaker="Carol")
 

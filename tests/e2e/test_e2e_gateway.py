@@ -120,7 +120,7 @@ async def test_bot_survives_reconnect_and_resume(harness: BotHarness) -> None:
     assert fake.connection_paths == ["/gateway", "/resume"]  # resumed on READY's resume_gateway_url
     assert [event for _, event in fake.replayed] == ["MESSAGE_CREATE"]  # the message missed while away
     # The conversation carried on across the resume: the reply saw the turns from before it.
-    turns = harness.history.get(Conversation(w.general.id, w.guild_id))
+    turns = await harness.history.get(Conversation(w.general.id, w.guild_id))
     assert turns[2:] == [Turn("user", "what do you like to do for fun", speaker="Bob"), Turn("bot", reply["content"])]
     assert reply["content"] == await harness.engine.reply(turns[:3])
     # Answered exactly once, and the bot still works after the resume.

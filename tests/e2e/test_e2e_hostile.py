@@ -283,7 +283,7 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
     stored = {
         turn.text
         for channel in (g, w.thread, dm_bob, dm_carol, dm_alice, dm_owner)
-        for turn in harness.history.get(Conversation(channel.id, channel.guild_id))
+        for turn in await harness.history.get(Conversation(channel.id, channel.guild_id))
         if turn.role == "user"
     }
     for case in cases:
@@ -291,4 +291,4 @@ async def test_hostile_messages_get_an_answer_or_a_deliberate_silence(bot_factor
             assert case.model_saw in stored, f"{case.name}: {case.model_saw!r} not in history"
     assert all("\x00" not in text for text in stored)
     assert not any(text in (EMPTY_REPLY_TEXT,) for text in stored)
-    assert Turn("user", "") not in harness.history.get(Conversation(g.id, g.guild_id))
+    assert Turn("user", "") not in await harness.history.get(Conversation(g.id, g.guild_id))

@@ -57,8 +57,8 @@ async def test_history_survives_a_restart(fake_discord: FakeDiscord, bot_factory
     # ...which differ from a fresh start (otherwise this would prove nothing)...
     assert a2 != await second.engine.reply(general[-1:])
     # ...and every turn, from before and after the restart, is in the store in order.
-    assert second.history.get(conversation(w.general)) == general + [Turn("bot", a2)]
-    assert len(second.history.get(Conversation(dm.id))) == 4
+    assert await second.history.get(conversation(w.general)) == general + [Turn("bot", a2)]
+    assert len(await second.history.get(Conversation(dm.id))) == 4
 
 
 async def test_messages_arriving_together_are_answered_in_order_when_typing_is_slow(harness: BotHarness) -> None:
@@ -73,7 +73,7 @@ async def test_messages_arriving_together_are_answered_in_order_when_typing_is_s
     second = await fake.mention(w.carol, w.general, "do you have any pets")
     reply2 = await fake.wait_reply(second)
     reply1 = await fake.wait_reply(first)
-    turns = harness.history.get(conversation(w.general))
+    turns = await harness.history.get(conversation(w.general))
     assert turns[2:] == [
         Turn("user", "hello there", speaker="Bob"),
         Turn("bot", reply1["content"]),
@@ -124,7 +124,7 @@ async def test_generation_deadline_through_discord(bot_factory: BotFactory, monk
     # The next message is answered normally; the timed-out one left nothing in the history.
     reply = await fake.ask(w.member, w.general, "hello there", timeout=30)
     assert reply == await harness.engine.reply([Turn("user", "hello there")])
-    assert harness.history.get(conversation(w.general)) == [
+    assert await harness.history.get(conversation(w.general)) == [
         Turn("user", "hello there", speaker="Bob"),
         Turn("bot", reply),
     ]
@@ -159,7 +159,7 @@ async def test_cooldown_gives_one_notice_per_window(bot_factory: BotFactory) -> 
     await one_window(w.admin)  # a new window for Bob: answered again, then one new notice
     assert notices == 2
     # Only the answered messages are history: two of Bob's and one each of Carol's and Alice's, with replies.
-    assert len(harness.history.get(conversation(w.general))) == 8
+    assert len(await harness.history.get(conversation(w.general))) == 8
 
 
 async def test_sigterm_with_replies_in_flight_tells_everyone_and_exits_cleanly(

@@ -81,8 +81,8 @@ async def test_forget_me_through_discord_removes_one_person_everywhere(harness: 
     fake, w = harness.fake, harness.fake.world
     bob_dm, carol_dm = w.dm_with(w.member), w.dm_with(w.carol)
 
-    def turns(channel: Any) -> list[Turn]:
-        return harness.history.get(Conversation(channel.id, channel.guild_id))
+    async def turns(channel: Any) -> list[Turn]:
+        return await harness.history.get(Conversation(channel.id, channel.guild_id))
 
     carol_said = await fake.ask(w.carol, w.general, "do you have any pets")
     await fake.ask(w.member, w.general, "hello there")
@@ -96,11 +96,12 @@ async def test_forget_me_through_discord_removes_one_person_everywhere(harness: 
     text = await ephemeral(fake, await fake.slash(w.member, w.random, "forget-me"))
     assert text == "Done: I've deleted 10 stored messages of our conversations, everywhere."  # 5 messages, 5 replies
     # Bob is gone from every channel, the thread and his DM; Carol and Alice are untouched.
-    assert turns(w.general) == [Turn("user", "do you have any pets", speaker="Carol"), Turn("bot", carol_said)]
-    assert turns(w.random) == [Turn("user", "tell me about space", speaker="Alice"), Turn("bot", alice_said)]
-    assert turns(w.thread) == [] and turns(bob_dm) == []
-    assert turns(carol_dm) == [Turn("user", "hello there"), Turn("bot", carol_dm_said)]
-    assert "i have a dog" not in str(harness.history._db.execute("SELECT text FROM turns").fetchall())
+    assert await turns(w.general) == [Turn("user", "do you have any pets", speaker="Carol"), Turn("bot", carol_said)]
+    assert await turns(w.random) == [Turn("user", "tell me about space", speaker="Alice"), Turn("bot", alice_said)]
+    assert await turns(w.thread) == [] and await turns(bob_dm) == []
+    assert await turns(carol_dm) == [Turn("user", "hello there"), Turn("bot", carol_dm_said)]
+    with sqlite3.connect(harness.settings.history_db) as db:
+        assert "i have a dog" not in str(db.execute("SELECT text FROM turns").fetchall())
 
     # In his DM the bot starts over, exactly as in a conversation that never happened.
     again = await fake.ask(w.member, bob_dm, "hello there")
@@ -108,5 +109,5 @@ async def test_forget_me_through_discord_removes_one_person_everywhere(harness: 
     # Carol can forget herself from a DM, too; Alice is left alone.
     text = await ephemeral(fake, await fake.slash(w.carol, carol_dm, "forget-me"))
     assert text == "Done: I've deleted 4 stored messages of our conversations, everywhere."
-    assert turns(w.general) == [] and turns(carol_dm) == []
-    assert len(turns(w.random)) == 2 and len(turns(bob_dm)) == 2
+    assert await turns(w.general) == [] and await turns(carol_dm) == []
+    assert len(await turns(w.random)) == 2 and len(await turns(bob_dm)) == 2

@@ -79,7 +79,7 @@ async def test_a_long_reply_is_posted_early_edited_as_written_and_continued_past
     assert "message_reference" not in pieces[1]
     assert fake.edits_of(pieces[1]), "the second message was posted before the story ended"
     # The end: exactly what the history keeps, cut where split_message cuts it.
-    stored = harness.history.get(conversation(w.general))
+    stored = await harness.history.get(conversation(w.general))
     assert stored == [Turn("user", "tell me a story", speaker="Bob"), Turn("bot", story)]
     assert [p["content"] for p in pieces] == split_message(story)
     # The typing indicator was up at every edit: put back right after each post, which hides it.
@@ -104,7 +104,7 @@ async def test_a_reply_that_fails_midway_is_marked_cut_off(bot_factory: BotFacto
     assert reply["content"] == partial + CUT_OFF_NOTE
     assert fake.edits_of(reply)[-1]["content"] == reply["content"]
     assert_spaced(fake, [reply])
-    assert harness.history.get(conversation(w.general)) == []  # an unfinished answer is not history
+    assert await harness.history.get(conversation(w.general)) == []  # an unfinished answer is not history
 
 
 async def test_replies_in_one_channel_stay_in_order_while_streamed(bot_factory: BotFactory) -> None:
@@ -131,7 +131,7 @@ async def test_the_real_model_streams_when_it_decodes_greedily(bot_factory: BotF
     message = await fake.mention(w.member, w.general, "hello there")
     await fake.wait_reply(message, timeout=60)
     await finished(harness)
-    full = harness.history.get(conversation(w.general))[-1].text
+    full = (await harness.history.get(conversation(w.general)))[-1].text
     pieces = fake.messages_by_bot(w.general)
     assert [p["content"] for p in pieces] == split_message(full)
     assert_spaced(fake, pieces)
@@ -153,6 +153,6 @@ async def test_without_streaming_a_reply_is_one_post_and_no_edit(bot_factory: Bo
     await finished(harness)
     assert fake.messages_by_bot(w.general) == [reply]
     assert fake.message_edits() == []
-    assert reply["content"] == harness.history.get(conversation(w.general))[-1].text.strip()
+    assert reply["content"] == (await harness.history.get(conversation(w.general)))[-1].text.strip()
     typing = fake.typing_calls(w.general)
     assert len(typing) == 1 and typing[0].time <= reply["posted_at"]

@@ -13,7 +13,7 @@ from typing import Any
 from bot.chat import ChatService
 from bot.client import ChatBot
 from bot.engine import Engine, EngineConfig
-from bot.history import HistoryStore
+from bot.history import HistoryStore, open_store
 from config.settings import Settings
 from tests.fake_discord.server import FakeDiscord
 
@@ -59,7 +59,7 @@ class BotHarness:
         finally:
             if self.owns_engine:
                 await self.engine.close()
-            self.history.close()
+            await self.history.close()
             logging.getLogger().removeHandler(self.errors)
 
     def problems(self) -> list[str]:
@@ -105,7 +105,7 @@ def quiet(allowed_mentions: Any) -> bool:
 BotFactory = Callable[..., Awaitable[BotHarness]]
 
 
-def bot_settings(fake: FakeDiscord, model_dir: Path, history_db: Path, **overrides: Any) -> Settings:
+def bot_settings(fake: FakeDiscord, model_dir: Path, history_db: Path | str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "discord_token": fake.token,
         "model_name": str(model_dir),
@@ -129,7 +129,7 @@ async def start_bot(
     neither started nor closed here."""
     errors = _ErrorCollector()
     logging.getLogger().addHandler(errors)
-    history = HistoryStore(settings.history_db, settings.history_turns)
+    history = await open_store(settings.history_db, settings.history_turns)
     owns_engine = engine is None
     if engine is None:
         engine = Engine(EngineConfig.from_settings(settings))
@@ -153,7 +153,7 @@ async def start_bot(
         await bot.close()
         if owns_engine:
             await engine.close()
-        history.close()
+        await history.close()
         logging.getLogger().removeHandler(errors)
         raise
     runner = asyncio.create_task(bot.connect())
