@@ -113,7 +113,11 @@ async def test_snapshot_reads_turns_and_epochs_together(store: HistoryStore) -> 
 @pytest.mark.parametrize("clear", ["reset", "reset_guild", "forget_user"])
 async def test_append_refused_after_a_clear_it_did_not_see(store: HistoryStore, clear: str) -> None:
     seen = await store.snapshot(A, 7)
-    await {"reset": lambda: store.reset(A), "reset_guild": lambda: store.reset_guild(100), "forget_user": lambda: store.forget_user(7)}[clear]()
+    await {
+        "reset": lambda: store.reset(A),
+        "reset_guild": lambda: store.reset_guild(100),
+        "forget_user": lambda: store.forget_user(7),
+    }[clear]()
     assert not await store.append(A, 7, Turn("user", "late"), Turn("bot", "reply"), expected=seen.epochs)
     assert await store.get(A) == []
     # Other people, channels and servers are not held back; a fresh snapshot stores again.
@@ -255,7 +259,7 @@ asyncio.run(main())
 """
 
 
-async def test_kill_9_loses_no_acknowledged_turn(database: str) -> None:
+def test_kill_9_loses_no_acknowledged_turn(database: str) -> None:
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, database],
         stdout=subprocess.PIPE,
@@ -276,9 +280,14 @@ async def test_kill_9_loses_no_acknowledged_turn(database: str) -> None:
         db = sqlite3.connect(database)
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         db.close()
-    store = await open_store(database, max_turns=100000)
-    texts = {t.text for c in range(3) for t in await store.get(Conversation(c, 100))}
-    await store.close()
+
+    async def stored() -> set[str]:
+        store = await open_store(database, max_turns=100000)
+        texts = {t.text for c in range(3) for t in await store.get(Conversation(c, 100))}
+        await store.close()
+        return texts
+
+    texts = asyncio.run(stored())
     assert acknowledged >= 200
     assert all(f"q{i}" in texts and f"a{i}" in texts for i in range(acknowledged + 1))
 

@@ -90,9 +90,7 @@ _LOCK_EPOCHS = (
     "SELECT scope, epoch FROM epochs WHERE (scope = 'channel' AND id = %s) OR (scope = 'guild' AND id = %s)"
     " OR (scope = 'user' AND id = %s) ORDER BY scope FOR SHARE"
 )
-_INSERT = (
-    "INSERT INTO turns (channel_id, guild_id, user_id, role, text, speaker) VALUES (%s, %s, %s, %s, %s, %s)"
-)
+_INSERT = "INSERT INTO turns (channel_id, guild_id, user_id, role, text, speaker) VALUES (%s, %s, %s, %s, %s, %s)"
 _TRIM = (
     "DELETE FROM turns WHERE channel_id = %s AND id NOT IN"
     " (SELECT id FROM turns WHERE channel_id = %s ORDER BY id DESC LIMIT %s)"

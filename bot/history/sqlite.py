@@ -216,7 +216,9 @@ class SQLiteHistoryStore:
         return await self._clear("user", "user_id", user_id)
 
     async def counts(self) -> tuple[int, int]:
-        row = await self._run(lambda: self._db.execute("SELECT COUNT(DISTINCT channel_id), COUNT(*) FROM turns").fetchone())
+        row = await self._run(
+            lambda: self._db.execute("SELECT COUNT(DISTINCT channel_id), COUNT(*) FROM turns").fetchone()
+        )
         return int(row[0]), int(row[1])
 
     async def close(self) -> None:

@@ -84,7 +84,10 @@ async def test_dm_is_answered_without_a_mention(harness: BotHarness) -> None:
     assert "guild_id" not in reply
     assert reply["content"] == await harness.engine.reply([Turn("user", "hello there")])
     assert fake.typing_calls(dm)
-    assert await harness.history.get(Conversation(dm.id)) == [Turn("user", "hello there"), Turn("bot", reply["content"])]
+    assert await harness.history.get(Conversation(dm.id)) == [
+        Turn("user", "hello there"),
+        Turn("bot", reply["content"]),
+    ]
 
 
 async def test_silence_without_mention_and_for_bots_and_webhooks(harness: BotHarness) -> None:

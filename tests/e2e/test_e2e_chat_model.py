@@ -49,7 +49,10 @@ async def test_mention_dm_and_thread_each_keep_their_own_history(harness: BotHar
     assert all(replies)
     for (channel, text), reply in zip(said, replies, strict=True):
         speaker = None if channel.guild_id is None else "Bob"
-        assert await harness.history.get(conversation(channel)) == [Turn("user", text, speaker=speaker), Turn("bot", reply)]
+        assert await harness.history.get(conversation(channel)) == [
+            Turn("user", text, speaker=speaker),
+            Turn("bot", reply),
+        ]
     assert replies[0] == await harness.engine.reply([Turn("user", "hello there", speaker="Bob")])
 
 
