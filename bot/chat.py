@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 from bot.engine import EngineBusy, EngineClosed, EngineStats, GenerationTimeout
 from bot.history import HistoryStore
+from bot.metrics import Metrics
 from bot.types import Conversation, Reply, Turn
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,10 @@ class ChatService:
     reply is in the history. Different conversations run concurrently (and batch in the engine).
     """
 
-    def __init__(self, engine: ReplyEngine, history: HistoryStore) -> None:
+    def __init__(self, engine: ReplyEngine, history: HistoryStore, *, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.history = history
+        self.metrics = metrics if metrics is not None else Metrics()
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._in_flight = 0
         self._cleared: dict[tuple[str, int], int] = {}  # ("channel"|"guild"|"user", id) -> times cleared
@@ -66,6 +69,8 @@ class ChatService:
     ) -> Reply:
         """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
 
+        Each reply is counted in `metrics` by its kind, and an answer's latency observed.
+
         `speaker` is the display name of the person who said it in a server channel (None in DMs): it
         is stored with the turn and reaches the engine, so a chat model can tell people apart.
 
@@ -73,6 +78,20 @@ class ChatService:
         (each text extends the one before); the returned `Reply` is still the whole answer, the one
         stored, or a notice if the reply could not be finished.
         """
+        started = time.monotonic()
+        reply = await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial)
+        self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
+        return reply
+
+    async def _respond(
+        self,
+        conversation: Conversation,
+        user_id: int | None,
+        text: str,
+        *,
+        speaker: str | None,
+        on_partial: Callable[[str], None] | None,
+    ) -> Reply:
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
@@ -80,22 +99,23 @@ class ChatService:
                     turns = self.history.get(conversation) + [Turn("user", text, speaker)]
                 except sqlite3.Error:
                     log.exception("could not read the history of channel %s", conversation.channel_id)
+                    self.metrics.history_errors.inc()
                     return Reply(ERROR_TEXT, ok=False)
                 cleared = self._clear_marks(conversation, user_id)
                 try:
                     answer = await self.engine.reply(turns, on_partial)
                 except EngineBusy:
                     log.warning("queue full; told channel %s to try again", conversation.channel_id)
-                    return Reply(BUSY_TEXT, ok=False)
+                    return Reply(BUSY_TEXT, ok=False, kind="busy")
                 except GenerationTimeout:
-                    return Reply(TIMEOUT_TEXT, ok=False)
+                    return Reply(TIMEOUT_TEXT, ok=False, kind="timeout")
                 except EngineClosed:
-                    return Reply(CLOSING_TEXT, ok=False)
+                    return Reply(CLOSING_TEXT, ok=False, kind="closing")
                 except Exception:
                     log.exception("the engine failed to answer in channel %s", conversation.channel_id)
                     return Reply(ERROR_TEXT, ok=False)
                 if not answer.strip():
-                    return Reply(EMPTY_REPLY_TEXT, ok=False)
+                    return Reply(EMPTY_REPLY_TEXT, ok=False, kind="empty")
                 if self._clear_marks(conversation, user_id) != cleared:
                     # /reset or /forget-me ran while this reply was generated: keep its promise.
                     log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
@@ -104,6 +124,7 @@ class ChatService:
                     self.history.append(conversation, user_id, Turn("user", text, speaker), Turn("bot", answer))
                 except sqlite3.Error:  # the answer is still worth posting
                     log.exception("could not store a reply in channel %s", conversation.channel_id)
+                    self.metrics.history_errors.inc()
                 return Reply(answer)
         finally:
             self._in_flight -= 1
