@@ -182,7 +182,8 @@ class FakeDiscord:
         self.close_codes: list[int | None] = []  # how each gateway socket ended
         self.refusals: list[int] = []  # close codes the fake sent (4004 bad token, 4014 intents, ...)
         self.replayed: list[tuple[int, str]] = []  # (seq, event) sent again after a RESUME
-        self.deliveries: list[tuple[tuple[int, int], str]] = []  # ((shard id, count), event) for each dispatch
+        # ((shard id, count), event, guild id or None for a DM) for each event sent to a session
+        self.deliveries: list[tuple[tuple[int, int], str, int | None]] = []
         self.connection_paths: list[str] = []  # "/gateway" for IDENTIFY, "/resume" for resume_gateway_url
         self.commands: dict[tuple[int | None, str], dict[str, Any]] = {}
         self.interactions: dict[int, Interaction] = {}
@@ -572,7 +573,8 @@ class FakeDiscord:
         return shard_id == 0 if guild_id is None else shard_of(guild_id, count) == shard_id
 
     async def _dispatch_locked(self, session: _Session, event: str, data: dict[str, Any] | None) -> None:
-        self.deliveries.append((session.shard, event))
+        guild = (data or {}).get("id" if event == "GUILD_CREATE" else "guild_id")
+        self.deliveries.append((session.shard, event, int(guild) if guild else None))
         session.seq += 1
         session.log.append((session.seq, event, data))  # type: ignore[arg-type]
         if session.conn is not None:
