@@ -314,6 +314,7 @@ async def test_shutting_down_says_so(bot: FakeBot, scripted_engine: ScriptedEngi
     message = mention(bot, "hi")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert message.channel.sent[0]["content"] == CLOSING_TEXT and scripted_engine.seen == []
+    assert bot.chat.metrics.registry.get_sample_value("chatbot_replies_total", {"kind": "closing"}) == 1
 
 
 # ----- admin commands --------------------------------------------------------------------------
