@@ -17,12 +17,14 @@ from typing import TypeVar
 
 import aiohttp
 import discord
+from aiohttp import web
 
 from bot.chat import ChatService
 from bot.client import ChatBot
 from bot.engine import Engine, EngineConfig, EngineError
 from bot.engine.loading import ModelLoadError, check_model_name
 from bot.history import HistoryStore, HistoryUnavailable, open_store, redact
+from bot.metrics import Metrics, MetricsPortError, serve_metrics
 from bot.types import Conversation
 from config.settings import Settings, SettingsError, load_settings
 
@@ -110,14 +112,35 @@ async def open_history(settings: Settings) -> HistoryStore:
 
 
 @asynccontextmanager
-async def services(settings: Settings, history: HistoryStore) -> AsyncIterator[tuple[Engine, ChatService]]:
+async def services(
+    settings: Settings, history: HistoryStore, metrics: Metrics | None = None
+) -> AsyncIterator[tuple[Engine, ChatService]]:
     """The engine (not started yet) and the chat service over `history`; both closed on exit."""
     engine = Engine(EngineConfig.from_settings(settings))
     try:
-        yield engine, ChatService(engine, history)
+        yield engine, ChatService(engine, history, metrics=metrics)
     finally:
         await engine.close()
         await history.close()
+
+
+async def start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner | None:
+    """With METRICS_PORT set, serve /metrics, /ready and /health (the caller stops it); a port in use is one line."""
+    if settings.metrics_port is None:
+        return None
+    try:
+        runner = await serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
+    except MetricsPortError as exc:
+        raise ExitCode(f"Configuration error: {exc}", code=2) from None
+    log.info("metrics on http://%s:%d/metrics (readiness: /ready)", settings.metrics_host, settings.metrics_port)
+    return runner
+
+
+def watch(metrics: Metrics, engine: Engine, bot: ChatBot) -> None:
+    """What the gauges read at scrape time, and what /ready also waits for: every shard connected."""
+    metrics.watch_engine(engine.stats)
+    metrics.watch_gateway(lambda: bot.latencies)
+    metrics.add_readiness_check(bot.gateway_ready)
 
 
 async def log_in(bot: ChatBot, token: str, stop: asyncio.Event) -> None:
@@ -155,11 +178,29 @@ async def run_discord(settings: Settings) -> None:
     if not settings.discord_token:
         raise ExitCode(NO_TOKEN_HELP, code=2)
     stop = stop_event_on_signals()
+    metrics = Metrics()
+    model_loaded = asyncio.Event()  # checked by /ready from the moment the endpoint is up
+    metrics.add_readiness_check(lambda: None if model_loaded.is_set() else "the model is not loaded yet")
+    metrics_server = await start_metrics(settings, metrics)  # a port in use stops the bot before anything else
+    try:
+        await run_bot(settings, settings.discord_token, metrics, stop, model_loaded)
+    finally:
+        if metrics_server is not None:
+            await metrics_server.cleanup()
+
+
+async def run_bot(
+    settings: Settings, token: str, metrics: Metrics, stop: asyncio.Event, model_loaded: asyncio.Event
+) -> None:
+    """Open the history, log in, load the model (then set `model_loaded`), answer until stopped; Discord's
+    refusals become one line."""
     history = await open_history(settings)
     try:
-        async with services(settings, history) as (engine, chat), ChatBot(settings=settings, chat=chat) as bot:
-            await log_in(bot, settings.discord_token, stop)
+        async with services(settings, history, metrics) as (engine, chat), ChatBot(settings=settings, chat=chat) as bot:
+            watch(metrics, engine, bot)
+            await log_in(bot, token, stop)
             await start_engine(engine, settings, stop)
+            model_loaded.set()
             await serve(bot, engine, settings, stop)
     except discord.LoginFailure:
         raise ExitCode(
@@ -171,6 +212,19 @@ async def run_discord(settings: Settings) -> None:
             "Discord refused the Message Content intent. Enable it in the Developer Portal: your "
             "application > Bot > Privileged Gateway Intents > Message Content Intent."
         ) from None
+    except discord.ConnectionClosed as exc:
+        if exc.code == 4010:
+            raise ExitCode(
+                f"Discord refused shard {exc.shard_id}: check SHARD_IDS and SHARD_COUNT ({settings.shard_count}).",
+                code=2,
+            ) from None
+        if exc.code == 4011:
+            raise ExitCode(
+                "Discord requires this bot to be sharded: set SHARD_COUNT to at least what Discord recommends, "
+                "or leave it unset to get that number.",
+                code=2,
+            ) from None
+        raise
     except (aiohttp.ClientConnectionError, discord.GatewayNotFound) as exc:
         raise ExitCode(f"Could not reach Discord: {exc}") from None
     except discord.HTTPException as exc:  # e.g. a Discord outage (5xx) while logging in

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 from bot.engine import EngineBusy, EngineClosed, EngineStats, GenerationTimeout
 from bot.history import HistoryError, HistoryStore
+from bot.metrics import Metrics
 from bot.types import Conversation, Reply, Turn
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,10 @@ class ChatService:
     reply is in the history. Different conversations run concurrently (and batch in the engine).
     """
 
-    def __init__(self, engine: ReplyEngine, history: HistoryStore) -> None:
+    def __init__(self, engine: ReplyEngine, history: HistoryStore, *, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.history = history
+        self.metrics = metrics if metrics is not None else Metrics()
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._in_flight = 0
 
@@ -64,6 +67,8 @@ class ChatService:
     ) -> Reply:
         """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
 
+        Each reply is counted in `metrics` by its kind, and an answer's latency observed.
+
         `speaker` is the display name of the person who said it in a server channel (None in DMs): it
         is stored with the turn and reaches the engine, so a chat model can tell people apart.
 
@@ -71,6 +76,20 @@ class ChatService:
         (each text extends the one before); the returned `Reply` is still the whole answer, the one
         stored, or a notice if the reply could not be finished.
         """
+        started = time.monotonic()
+        reply = await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial)
+        self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
+        return reply
+
+    async def _respond(
+        self,
+        conversation: Conversation,
+        user_id: int | None,
+        text: str,
+        *,
+        speaker: str | None,
+        on_partial: Callable[[str], None] | None,
+    ) -> Reply:
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
@@ -80,22 +99,23 @@ class ChatService:
                     snapshot = await self.history.snapshot(conversation, user_id)
                 except HistoryError:
                     log.exception("could not read the history of channel %s", conversation.channel_id)
+                    self.metrics.history_errors.inc()
                     return Reply(ERROR_TEXT, ok=False)
                 turns = snapshot.turns + [Turn("user", text, speaker)]
                 try:
                     answer = await self.engine.reply(turns, on_partial)
                 except EngineBusy:
                     log.warning("queue full; told channel %s to try again", conversation.channel_id)
-                    return Reply(BUSY_TEXT, ok=False)
+                    return Reply(BUSY_TEXT, ok=False, kind="busy")
                 except GenerationTimeout:
-                    return Reply(TIMEOUT_TEXT, ok=False)
+                    return Reply(TIMEOUT_TEXT, ok=False, kind="timeout")
                 except EngineClosed:
-                    return Reply(CLOSING_TEXT, ok=False)
+                    return Reply(CLOSING_TEXT, ok=False, kind="closing")
                 except Exception:
                     log.exception("the engine failed to answer in channel %s", conversation.channel_id)
                     return Reply(ERROR_TEXT, ok=False)
                 if not answer.strip():
-                    return Reply(EMPTY_REPLY_TEXT, ok=False)
+                    return Reply(EMPTY_REPLY_TEXT, ok=False, kind="empty")
                 try:
                     stored = await self.history.append(
                         conversation,
@@ -106,6 +126,7 @@ class ChatService:
                     )
                 except HistoryError:  # the answer is still worth posting
                     log.exception("could not store a reply in channel %s", conversation.channel_id)
+                    self.metrics.history_errors.inc()
                     return Reply(answer)
                 if not stored:
                     # /reset or /forget-me ran while this reply was generated (in any process): keep its promise.

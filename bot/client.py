@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -20,8 +21,14 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("cogs.chat", "cogs.admin", "cogs.everyone")
 
 
-class ChatBot(commands.Bot):
-    """A bot that answers mentions and DMs through a `ChatService` handed in by `main()`."""
+class ChatBot(commands.AutoShardedBot):
+    """A bot that answers mentions and DMs through a `ChatService` handed in by `main()`.
+
+    It runs the shards SHARD_IDS of SHARD_COUNT (all of them when SHARD_IDS is unset; as many as
+    Discord recommends when SHARD_COUNT is unset too). Discord sends a guild's events to shard
+    `(guild_id >> 22) % SHARD_COUNT` and every DM to shard 0, so several processes can split a big
+    bot between them, and only the one running shard 0 sees DMs.
+    """
 
     def __init__(self, *, settings: Settings, chat: ChatService) -> None:
         # The bot never joins voice, so discord.py's warnings about missing voice libraries are noise.
@@ -34,6 +41,7 @@ class ChatBot(commands.Bot):
             # Nothing the bot posts may ping anyone, whatever the model writes.
             allowed_mentions=discord.AllowedMentions.none(),
             help_command=None,
+            **_shard_options(settings),
         )
         self.settings = settings
         self.chat = chat
@@ -41,10 +49,38 @@ class ChatBot(commands.Bot):
         self._message_tasks: set[asyncio.Task[object]] = set()
         self.tree.error(answer_command_error)
 
+    @property
+    def runs_shard_zero(self) -> bool:
+        """Whether this process runs shard 0: the one that receives DMs, and syncs the slash commands."""
+        return self.settings.shard_ids is None or 0 in self.settings.shard_ids
+
+    def shard_summary(self) -> str:
+        """`shards 0, 1 of 2` (or `shards (not connected yet)` before the first connection)."""
+        if self.shard_count is None:
+            return "shards (not connected yet)"
+        ids = sorted(self.shards) or list(self.shard_ids or range(self.shard_count))
+        return f"shard{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))} of {self.shard_count}"
+
+    def gateway_ready(self) -> str | None:
+        """A readiness check: None once every shard of this process is connected and ready, else why not."""
+        if not self.accepting:
+            return "stopping"
+        if self.is_closed():
+            return "the Discord connection is closed"
+        if not self.is_ready():
+            return "not connected to the Discord gateway yet"
+        down = sorted(shard_id for shard_id, shard in self.shards.items() if shard.is_closed())
+        if down:
+            return f"shard {', '.join(map(str, down))} disconnected"
+        return None
+
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        await self.sync_commands()
+        if self.runs_shard_zero:
+            await self.sync_commands()
+        else:  # the commands are the application's, not the shard's: one process registering them is enough
+            log.info("slash commands are synced by the process running shard 0")
 
     async def sync_commands(self) -> None:
         """To DEV_GUILD_ID when set (instant), globally otherwise (may take a while to show)."""
@@ -70,7 +106,17 @@ class ChatBot(commands.Bot):
 
     async def on_ready(self) -> None:
         assert self.user is not None
-        log.info("logged in as %s (id %s) in %d servers", self.user, self.user.id, len(self.guilds))
+        log.info(
+            "logged in as %s (id %s) in %d servers, running %s%s",
+            self.user,
+            self.user.id,
+            len(self.guilds),
+            self.shard_summary(),
+            "" if self.runs_shard_zero else " (no DMs: Discord sends them to the process running shard 0)",
+        )
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        log.info("shard %d of %s connected", shard_id, self.shard_count)
 
     async def on_message(self, message: discord.Message) -> None:
         """Replaces `commands.Bot`'s prefix-command handling: this bot has slash commands only."""
@@ -92,6 +138,16 @@ class ChatBot(commands.Bot):
             return True
         _, still = await asyncio.wait(pending, timeout=timeout)
         return not still
+
+
+def _shard_options(settings: Settings) -> dict[str, Any]:
+    """AutoShardedBot's shard_count and shard_ids; left out, it asks Discord for the count and runs every shard."""
+    options: dict[str, Any] = {}
+    if settings.shard_count is not None:
+        options["shard_count"] = settings.shard_count
+    if settings.shard_ids is not None:
+        options["shard_ids"] = list(settings.shard_ids)
+    return options
 
 
 async def answer_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["user", "bot"]
+# What a reply is: the model's answer ("ok"), or which notice was given instead.
+ReplyKind = Literal["ok", "busy", "timeout", "error", "closing", "empty"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,16 @@ class Conversation:
 
 @dataclass(frozen=True)
 class Reply:
-    """What the chat service answers. `ok` is False for apologies and notices the model did not write."""
+    """What the chat service answers. `ok` is False for apologies and notices the model did not write.
+
+    `kind` says which (for the metrics); left out, it is "ok" for an answer and "error" for a notice.
+    It does not take part in comparisons: two replies with the same text and `ok` are equal.
+    """
 
     text: str
     ok: bool = True
+    kind: ReplyKind | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            object.__setattr__(self, "kind", "ok" if self.ok else "error")

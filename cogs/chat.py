@@ -115,6 +115,7 @@ class Chat(commands.Cog):
 
     async def answer(self, message: discord.Message) -> None:
         if not self.bot.accepting:
+            self.bot.chat.metrics.count_reply("closing")  # told without reaching the chat service
             await self.send(message, CLOSING_TEXT)
             return
         text = self.text_for_model(message)

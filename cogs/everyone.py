@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import discord
@@ -17,6 +18,10 @@ log = logging.getLogger(__name__)
 
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}s"
+
+
+def _latency(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if math.isfinite(seconds) else "n/a"
 
 
 def _uptime(seconds: float) -> str:
@@ -43,6 +48,8 @@ class Everyone(commands.Cog):
             f"**Latency:** p50 {_seconds(s.latency_p50_s)}, p95 {_seconds(s.latency_p95_s)}",
             f"**Speed:** {tps} tokens/s",
             f"**Uptime:** {_uptime(s.uptime_s)}",
+            f"**This process runs** {self.bot.shard_summary()}; **gateway latency:** "
+            + (", ".join(f"shard {i} {_latency(t)}" for i, t in sorted(self.bot.latencies)) or "n/a"),
         ]
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 

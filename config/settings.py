@@ -7,6 +7,7 @@ names the key, so the entrypoint can print it and exit.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,12 @@ class Settings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system message
     context_tokens: int | None = None  # None: the model's own limit, capped at 2048
     sampling: bool = True  # False: always greedy, whatever the model's generation_config says
+    # Shards: None = as many as Discord recommends, all run by this process.
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None  # None: every shard of shard_count (needs shard_count)
+    # Prometheus metrics and readiness over HTTP; None = off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
@@ -141,6 +148,30 @@ def _history_db(key: str, raw: str) -> Path | str:
     return raw
 
 
+def _shard_ids(key: str, raw: str) -> tuple[int, ...]:
+    """`0-3`, `0,2` or `0-1,4`: shard ids, each once, in order."""
+    ids: list[int] = []
+    for part in raw.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise SettingsError(f"{key} must be shard ids and ranges such as 0-3 or 0,2 or 0-1,4; got {raw!r}")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise SettingsError(f"{key} has a range that runs backwards: {part.strip()!r}")
+        for ident in range(first, last + 1):
+            if ident in ids:
+                raise SettingsError(f"{key} names shard {ident} twice; got {raw!r}")
+            ids.append(ident)
+    return tuple(sorted(ids))
+
+
+def _host(key: str, raw: str) -> str:
+    if any(ch.isspace() for ch in raw) or "/" in raw:
+        raise SettingsError(f"{key} must be a host name or IP address to listen on, such as 127.0.0.1; got {raw!r}")
+    return raw
+
+
 def _text(key: str, raw: str) -> str:
     return raw
 
@@ -171,6 +202,10 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "SYSTEM_PROMPT": ("system_prompt", _system_prompt),
     "CONTEXT_TOKENS": ("context_tokens", _int(256, 131072)),
     "SAMPLING": ("sampling", _bool),
+    "SHARD_COUNT": ("shard_count", _int(1, 100_000)),
+    "SHARD_IDS": ("shard_ids", _shard_ids),
+    "METRICS_PORT": ("metrics_port", _int(1, 65535)),
+    "METRICS_HOST": ("metrics_host", _host),
 }
 
 SETTING_KEYS = tuple(_PARSERS)
@@ -203,4 +238,13 @@ def load_settings(
         raise SettingsError(
             f"MIN_NEW_TOKENS ({settings.min_new_tokens}) must not exceed MAX_NEW_TOKENS ({settings.max_new_tokens})"
         )
+    if settings.shard_ids is not None:
+        if settings.shard_count is None:
+            raise SettingsError("SHARD_IDS needs SHARD_COUNT: the total number of shards across every process")
+        too_big = [i for i in settings.shard_ids if i >= settings.shard_count]
+        if too_big:
+            raise SettingsError(
+                f"SHARD_IDS names shard {too_big[0]}, but shard ids run from 0 to {settings.shard_count - 1} "
+                f"with SHARD_COUNT={settings.shard_count}"
+            )
     return settings

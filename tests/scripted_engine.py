@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.chat import ChatService
+from bot.engine import EngineStats
 from bot.history.sqlite import SQLiteHistoryStore
 from bot.types import Turn
 
@@ -46,8 +47,22 @@ class ScriptedEngine:
             raise self.fail
         return answer
 
-    def stats(self):  # pragma: no cover - not used here
-        raise NotImplementedError
+    def stats(self) -> EngineStats:
+        """What /stats and the metrics read: the requests seen, nothing measured."""
+        return EngineStats(
+            model="scripted",
+            device="cpu",
+            precision="fp32",
+            queue_depth=0,
+            running=0,
+            replies=len(self.seen),
+            latency_p50_s=None,
+            latency_p95_s=None,
+            queue_wait_p50_s=None,
+            queue_wait_p95_s=None,
+            tokens_per_second=None,
+            uptime_s=0.0,
+        )
 
 
 @pytest.fixture

@@ -112,6 +112,10 @@ class FakeBot:
         self.chat = chat
         self.accepting = True
         self.tracked: list[asyncio.Task[Any]] = []
+        self.latencies = [(1, float("inf")), (0, 0.042)]  # shard 1 has not had a heartbeat answered yet
+
+    def shard_summary(self) -> str:
+        return "shards 0, 1 of 2"
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self.tracked.append(task)
@@ -310,6 +314,7 @@ async def test_shutting_down_says_so(bot: FakeBot, scripted_engine: ScriptedEngi
     message = mention(bot, "hi")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert message.channel.sent[0]["content"] == CLOSING_TEXT and scripted_engine.seen == []
+    assert bot.chat.metrics.registry.get_sample_value("chatbot_replies_total", {"kind": "closing"}) == 1
 
 
 # ----- admin commands --------------------------------------------------------------------------
@@ -387,6 +392,7 @@ async def test_stats_and_forget_me(chat: ChatService, tiny_engine: Engine, tiny_
     text, ephemeral = interaction.response.sent[0]
     assert ephemeral and str(tiny_model_dir) in text and "Replies served:** 1" in text and "p95" in text
     assert "**Generating now:** 0 replies; **waiting:** 0" in text and "**Wait before generating:** p50" in text
+    assert "**This process runs** shards 0, 1 of 2; **gateway latency:** shard 0 42 ms, shard 1 n/a" in text
     interaction = FakeInteraction()
     await Everyone.forget_me.callback(Everyone(bot), interaction)  # type: ignore[arg-type]
     assert "deleted 2 stored messages" in interaction.response.sent[0][0]

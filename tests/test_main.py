@@ -261,3 +261,24 @@ def test_a_chat_model_without_a_chat_template_is_refused_at_start(tmp_path: Path
         f"Could not load the model '{model_dir}': it has no chat template, so there is no way to turn a "
         "conversation into its prompt"
     )
+
+
+def test_bad_metrics_port_is_one_line(tmp_path: Path) -> None:
+    result = run_bot(tmp_path, env={"METRICS_PORT": "99999", "DISCORD_TOKEN": "x"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "Configuration error: METRICS_PORT must be between 1 and 65535, got 99999"
+
+
+def test_metrics_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Checked before the history is opened or Discord is contacted: the token is never tried.
+        result = run_bot(tmp_path, env={"METRICS_PORT": str(port), "DISCORD_TOKEN": "x"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Configuration error: METRICS_PORT {port} on METRICS_HOST 127.0.0.1 cannot be opened")
+    assert "already in use" in lines[0]
+    assert not (tmp_path / "h.sqlite3").exists()

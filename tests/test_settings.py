@@ -74,6 +74,13 @@ def test_empty_values_mean_default() -> None:
         ("HISTORY_DB", "postgres://bot:hunter2@[::1/chat"),
         ("HISTORY_DB", "postgresql://bot:hunter2@db/chat/extra"),
         ("HISTORY_DB", "mysql://bot:hunter2@db/chat"),
+        ("SHARD_COUNT", "0"),
+        ("SHARD_COUNT", "two"),
+        ("SHARD_IDS", "0-3"),  # without SHARD_COUNT
+        ("METRICS_PORT", "0"),
+        ("METRICS_PORT", "65536"),
+        ("METRICS_PORT", "http"),
+        ("METRICS_HOST", "local host"),
     ],
 )
 def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
@@ -140,3 +147,39 @@ def test_system_prompt_from_env_file_verbatim(tmp_path: Path) -> None:
     assert load_settings({}, env_file=env).system_prompt == "You are Bob.\nAnswer in French, # not a comment."
     env.write_text("SYSTEM_PROMPT=none\n")
     assert load_settings({}, env_file=env).system_prompt == ""
+
+
+@pytest.mark.parametrize(
+    ("raw", "ids"),
+    [("0-3", (0, 1, 2, 3)), ("0,2", (0, 2)), ("0-1,4", (0, 1, 4)), (" 3 , 1 ", (1, 3)), ("5", (5,))],
+)
+def test_shard_ids_ranges_and_lists(raw: str, ids: tuple[int, ...]) -> None:
+    s = load_settings({"SHARD_COUNT": "8", "SHARD_IDS": raw}, env_file=None)
+    assert (s.shard_count, s.shard_ids) == (8, ids)
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ("0-4", "shard 4, but shard ids run from 0 to 3"),
+        ("7", "shard 7"),
+        ("3-1", "backwards"),
+        ("0,0", "twice"),
+        ("0-1,1", "twice"),
+        ("a-b", "0-1,4"),
+        ("1;2", "0-1,4"),
+        ("-1", "0-1,4"),
+    ],
+)
+def test_bad_shard_ids_are_one_line_naming_the_key(raw: str, words: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings({"SHARD_COUNT": "4", "SHARD_IDS": raw}, env_file=None)
+    message = str(err.value)
+    assert message.startswith("SHARD_IDS") and "\n" not in message and words in message
+
+
+def test_shard_and_metrics_defaults() -> None:
+    s = load_settings({}, env_file=None)
+    assert (s.shard_count, s.shard_ids, s.metrics_port, s.metrics_host) == (None, None, None, "127.0.0.1")
+    s = load_settings({"SHARD_COUNT": "2", "METRICS_PORT": "9100", "METRICS_HOST": "0.0.0.0"}, env_file=None)
+    assert (s.shard_count, s.shard_ids, s.metrics_port, s.metrics_host) == (2, None, 9100, "0.0.0.0")

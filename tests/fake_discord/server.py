@@ -5,6 +5,11 @@ The real, unmodified discord.py client logs in to it. Point `discord.http.Route.
 `FakeDiscord.gateway_url` (discord.py's plain `Client` connects to its default gateway without asking
 `GET /gateway/bot`; the sharded client asks, and the fake answers that too).
 
+Shards work as on Discord: `GET /gateway/bot` recommends `recommended_shards`, each IDENTIFY's
+`shard: [id, count]` (default `[0, 1]`) is a session of its own, a guild's events go only to the session
+of shard `(guild_id >> 22) % count`, and DMs only to shard 0. An invalid shard is closed with 4010, and
+fewer shards than `required_shards` with 4011 (sharding required).
+
 Tests play the users: `send()` pushes MESSAGE_CREATE, `slash()` pushes INTERACTION_CREATE, and the
 `wait_*` helpers wait (with timeouts, never fixed sleeps) for what the bot does over REST. Every REST
 call is recorded with its method, path, JSON body, time and the status the fake answered.
@@ -38,6 +43,7 @@ from tests.fake_discord.world import (
     User,
     World,
     iso,
+    shard_of,
 )
 
 log = logging.getLogger("fake_discord")
@@ -140,9 +146,10 @@ class _Connection:
 
 
 class _Session:
-    def __init__(self, session_id: str, intents: int) -> None:
+    def __init__(self, session_id: str, intents: int, shard: tuple[int, int] = (0, 1)) -> None:
         self.id = session_id
         self.intents = intents
+        self.shard = shard  # (shard id, shard count)
         self.seq = 0
         self.log: list[tuple[int, str, dict[str, Any]]] = []
         self.conn: _Connection | None = None
@@ -157,11 +164,15 @@ class FakeDiscord:
         token: str = "fake-token",
         heartbeat_interval_ms: int = 41250,
         privileged_intents: bool = True,
+        recommended_shards: int = 1,
+        required_shards: int = 1,
     ) -> None:
         self.world = World()
         self.token = token
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.privileged_intents = privileged_intents
+        self.recommended_shards = recommended_shards  # what GET /gateway/bot answers
+        self.required_shards = required_shards  # an IDENTIFY with fewer shards is closed with 4011
 
         self.calls: list[RestCall] = []
         self.heartbeats: list[Heartbeat] = []
@@ -171,6 +182,8 @@ class FakeDiscord:
         self.close_codes: list[int | None] = []  # how each gateway socket ended
         self.refusals: list[int] = []  # close codes the fake sent (4004 bad token, 4014 intents, ...)
         self.replayed: list[tuple[int, str]] = []  # (seq, event) sent again after a RESUME
+        # ((shard id, count), event, guild id or None for a DM) for each event sent to a session
+        self.deliveries: list[tuple[tuple[int, int], str, int | None]] = []
         self.connection_paths: list[str] = []  # "/gateway" for IDENTIFY, "/resume" for resume_gateway_url
         self.commands: dict[tuple[int | None, str], dict[str, Any]] = {}
         self.interactions: dict[int, Interaction] = {}
@@ -179,7 +192,8 @@ class FakeDiscord:
         self.typing_delays: list[float] = []  # each typing request takes the next delay (s), if any, to answer
 
         self._sessions: dict[str, _Session] = {}
-        self._session: _Session | None = None  # the bot's current session
+        self._session: _Session | None = None  # the bot's newest session
+        self._shards: dict[int, _Session] = {}  # shard id -> the newest session that IDENTIFYed as that shard
         self._connections = 0
         self._cond = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -337,6 +351,19 @@ class FakeDiscord:
     def session_intents(self) -> int | None:
         return self._session.intents if self._session else None
 
+    @property
+    def shard_sessions(self) -> dict[int, tuple[int, int]]:
+        """Shard id -> (id, count) of the newest session IDENTIFYed as that shard."""
+        return {shard_id: session.shard for shard_id, session in self._shards.items()}
+
+    async def wait_shards(self, *shard_ids: int, timeout: float = 15.0) -> None:
+        """Wait until each of `shard_ids` has a connected session."""
+        await self.wait_for(
+            lambda: all(i in self._shards and self._shards[i].conn is not None for i in shard_ids),
+            timeout=timeout,
+            what=f"shards {shard_ids} to IDENTIFY",
+        )
+
     async def send(
         self,
         author: User,
@@ -383,8 +410,9 @@ class FakeDiscord:
             replied = self.world.users.get(int(reply_to["author"]["id"]))
             if replied is not None and all(u["id"] != str(replied.id) for u in message["mentions"]):
                 mention = replied.payload()
-                if channel.guild_id is not None and replied.id in self.world.members:
-                    mention["member"] = self.world.members[replied.id].payload(with_user=False)
+                members = self.world.guild_members(channel.guild_id)
+                if replied.id in members:
+                    mention["member"] = members[replied.id].payload(with_user=False)
                 message["mentions"].append(mention)
         if store:
             channel.messages[int(message["id"])] = message
@@ -508,7 +536,7 @@ class FakeDiscord:
             "attachment_size_limit": 10 * 1024 * 1024,
         }
         if guild_id:
-            member = w.members[user.id].payload()
+            member = w.guild_members(guild_id)[user.id].payload()
             member["permissions"] = str(perms)
             payload.update(
                 guild_id=str(guild_id),
@@ -526,15 +554,27 @@ class FakeDiscord:
     # ----- gateway -----------------------------------------------------------------------------
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a DISPATCH (op 0) to the bot's session; kept in the session log for RESUME."""
-        session = self._session
-        if session is None:
-            raise AssertionError(f"no gateway session to dispatch {event} to")
-        async with session.lock:
-            await self._dispatch_locked(session, event, data)
+        """Send a DISPATCH (op 0) to the session(s) of the shard it belongs to: the guild's shard, or shard 0
+        for a DM. Kept in each session's log for RESUME."""
+        guild_id = data.get("guild_id")
+        sessions = [s for s in self._shards.values() if self._routes_to(s, int(guild_id) if guild_id else None)]
+        if not sessions:
+            where = f"guild {guild_id}" if guild_id else "a DM"
+            raise AssertionError(f"no gateway session for the shard of {where} to dispatch {event} to")
+        for session in sessions:
+            async with session.lock:
+                await self._dispatch_locked(session, event, data)
         await self._changed()
 
+    @staticmethod
+    def _routes_to(session: _Session, guild_id: int | None) -> bool:
+        """Whether Discord sends an event of `guild_id` (None: a DM) to `session`."""
+        shard_id, count = session.shard
+        return shard_id == 0 if guild_id is None else shard_of(guild_id, count) == shard_id
+
     async def _dispatch_locked(self, session: _Session, event: str, data: dict[str, Any] | None) -> None:
+        guild = (data or {}).get("id" if event == "GUILD_CREATE" else "guild_id")
+        self.deliveries.append((session.shard, event, int(guild) if guild else None))
         session.seq += 1
         session.log.append((session.seq, event, data))  # type: ignore[arg-type]
         if session.conn is not None:
@@ -657,18 +697,33 @@ class FakeDiscord:
         if intents & INTENT_MESSAGE_CONTENT and not self.privileged_intents:
             await self._refuse(conn.ws, 4014, b"Disallowed intent(s).")
             return
+        shard = d.get("shard", [0, 1])
+        valid = (
+            isinstance(shard, list)
+            and len(shard) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in shard)
+            and 0 <= shard[0] < shard[1]
+        )
+        if not valid:
+            await self._refuse(conn.ws, 4010, b"Invalid shard.")
+            return
+        if shard[1] < self.required_shards:
+            await self._refuse(conn.ws, 4011, b"Sharding required.")
+            return
         self.identifies += 1
         w = self.world
-        session = _Session(secrets.token_hex(16), intents)
+        session = _Session(secrets.token_hex(16), intents, (shard[0], shard[1]))
         self._sessions[session.id] = session
         self._session = session
+        self._shards[shard[0]] = session
         conn.session = session
+        guilds = [g for g in w.guilds if self._routes_to(session, g)]
         async with session.lock:
             session.conn = conn
             ready = {
                 "v": 10,
                 "user": {**w.bot_user.payload(), "verified": True, "mfa_enabled": False, "email": None},
-                "guilds": [{"id": str(w.guild_id), "unavailable": True}],
+                "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
                 "session_id": session.id,
                 "session_type": "normal",
                 "resume_gateway_url": self.resume_url,
@@ -678,12 +733,13 @@ class FakeDiscord:
                 "guild_join_requests": [],
                 "geo_ordered_rtc_regions": [],
                 "user_settings": {},
-                "shard": [0, 1],
+                "shard": list(session.shard),
                 "application": {"id": str(w.application_id), "flags": 1 << 23},
                 "_trace": ["fake-discord"],
             }
             await self._dispatch_locked(session, "READY", ready)
-            await self._dispatch_locked(session, "GUILD_CREATE", w.guild_payload())
+            for guild_id in guilds:
+                await self._dispatch_locked(session, "GUILD_CREATE", w.guild_payload(guild_id))
 
     async def _resume(self, conn: _Connection, d: dict[str, Any]) -> None:
         session = self._sessions.get(d.get("session_id", "")) if isinstance(d, dict) else None
@@ -755,7 +811,7 @@ class FakeDiscord:
         return _json(
             {
                 "url": self.gateway_url,
-                "shards": 1,
+                "shards": self.recommended_shards,
                 "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1},
             }
         )
@@ -788,7 +844,7 @@ class FakeDiscord:
                 "interactions_endpoint_url": None,
                 "install_params": {"scopes": ["bot", "applications.commands"], "permissions": "274877975552"},
                 "integration_types_config": {"0": {}},
-                "approximate_guild_count": 1,
+                "approximate_guild_count": len(w.guilds),
             }
         )
 
@@ -798,7 +854,7 @@ class FakeDiscord:
         guild = request.match_info.get("guild")
         if guild is None:
             return None
-        if guild != str(self.world.guild_id):
+        if not guild.isdigit() or int(guild) not in self.world.guilds:
             raise DiscordError(403, 50001, "Missing Access")
         return int(guild)
 

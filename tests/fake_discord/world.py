@@ -1,4 +1,6 @@
-"""The small world a fake Discord holds: one server, its channels, roles and members, and DMs.
+"""The small world a fake Discord holds: a server, its channels, roles and members, and DMs.
+
+Tests that need more servers (to spread them over shards) add plain ones with `add_guild`.
 
 Payloads follow Discord's API v10 shapes (what discord.py 2.x reads in `types/`), so the real
 client parses them exactly as it would parse Discord's. Permissions are computed the way Discord
@@ -237,8 +239,24 @@ class Channel:
         }
 
 
+@dataclass
+class Guild:
+    """A server: its @everyone role (whose id is the guild's), its members and its owner."""
+
+    id: int
+    name: str
+    owner_id: int
+    members: dict[int, Member] = field(default_factory=dict)
+    role_ids: list[int] = field(default_factory=list)
+
+
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """The shard Discord sends a guild's events to."""
+    return (guild_id >> 22) % shard_count
+
+
 class World:
-    """One guild ("Test Server") with a few channels, a thread, people, roles and DMs."""
+    """One guild ("Test Server") with a few channels, a thread, people, roles and DMs; more guilds on request."""
 
     def __init__(self) -> None:
         self.ids = Snowflakes()
@@ -275,7 +293,10 @@ class World:
                 bot_id=self.bot_user.id,
             )
         )
-        self.members: dict[int, Member] = {}
+        self.members: dict[int, Member] = {}  # the main guild's members
+        self.guilds: dict[int, Guild] = {
+            self.guild_id: Guild(self.guild_id, self.guild_name, self.owner.id, self.members)
+        }
         for user, roles in (
             (self.owner, []),
             (self.admin, [self.mod_role.id]),
@@ -314,14 +335,54 @@ class World:
         self.channels[channel.id] = channel
         return channel
 
-    def add_text_channel(self, name: str, *, overwrites: list[Overwrite] | None = None) -> Channel:
-        position = sum(1 for c in self.channels.values() if c.type == GUILD_TEXT)
+    def add_guild(self, name: str, *, shard: tuple[int, int] | None = None) -> tuple[Guild, Channel]:
+        """Another server with a #general channel, owned by `owner`, where every user and the bot are members
+        with no roles but @everyone (and the bot's own managed role). `shard=(id, count)` picks an id whose
+        events Discord sends to that shard."""
+        guild_id = self.ids.next()
+        if shard is not None:
+            wanted, count = shard
+            ms = guild_id >> 22
+            guild_id = ((ms + (wanted - ms) % count) << 22) | (guild_id & 0x3FFFFF)
+            assert shard_of(guild_id, count) == wanted
+        everyone = self._add_role(Role(guild_id, "@everyone", EVERYONE_PERMISSIONS, position=0))
+        bot_role = self._add_role(
+            Role(
+                self.ids.next(),
+                "ChatBot",
+                VIEW_CHANNEL | SEND_MESSAGES | SEND_MESSAGES_IN_THREADS | READ_MESSAGE_HISTORY | EMBED_LINKS,
+                position=1,
+                managed=True,
+                bot_id=self.bot_user.id,
+            )
+        )
+        guild = Guild(guild_id, name, self.owner.id, role_ids=[everyone.id, bot_role.id])
+        for user in self.users.values():
+            guild.members[user.id] = Member(user, [bot_role.id] if user.id == self.bot_user.id else [])
+        self.guilds[guild_id] = guild
+        return guild, self.add_text_channel("general", guild_id=guild_id)
+
+    def guild_role_ids(self, guild_id: int) -> set[int]:
+        """The roles of a guild: an added guild's own, and every other role for the main guild."""
+        if guild_id != self.guild_id:
+            return set(self.guilds[guild_id].role_ids)
+        others = {r for g in self.guilds.values() if g.id != self.guild_id for r in g.role_ids}
+        return set(self.roles) - others
+
+    def guild_members(self, guild_id: int | None) -> dict[int, Member]:
+        return self.guilds[guild_id].members if guild_id is not None else {}
+
+    def add_text_channel(
+        self, name: str, *, overwrites: list[Overwrite] | None = None, guild_id: int | None = None
+    ) -> Channel:
+        guild_id = self.guild_id if guild_id is None else guild_id
+        position = sum(1 for c in self.channels.values() if c.type == GUILD_TEXT and c.guild_id == guild_id)
         return self._add(
             Channel(
                 self.ids.next(),
                 GUILD_TEXT,
                 name=name,
-                guild_id=self.guild_id,
+                guild_id=guild_id,
                 position=position,
                 overwrites=list(overwrites or []),
             )
@@ -335,13 +396,14 @@ class World:
 
     # ----- permissions -------------------------------------------------------------------------
 
-    def base_permissions(self, user_id: int) -> int:
-        if user_id == self.owner.id:
+    def base_permissions(self, user_id: int, guild_id: int | None = None) -> int:
+        guild = self.guilds[self.guild_id if guild_id is None else guild_id]
+        if user_id == guild.owner_id:
             return ALL_PERMISSIONS
-        member = self.members.get(user_id)
+        member = guild.members.get(user_id)
         if member is None:
             return 0
-        perms = self.everyone_role.permissions
+        perms = self.roles[guild.id].permissions
         for role_id in member.roles:
             perms |= self.roles[role_id].permissions
         return ALL_PERMISSIONS if perms & ADMINISTRATOR else perms
@@ -350,15 +412,15 @@ class World:
         """Discord's algorithm: base, then @everyone, role and member overwrites of the channel."""
         if channel.guild_id is None:
             return VIEW_CHANNEL | SEND_MESSAGES | READ_MESSAGE_HISTORY | EMBED_LINKS | ATTACH_FILES | ADD_REACTIONS
-        perms = self.base_permissions(user_id)
+        perms = self.base_permissions(user_id, channel.guild_id)
         if perms & ADMINISTRATOR:
             return ALL_PERMISSIONS
         source = self.channels[channel.parent_id] if channel.is_thread and channel.parent_id else channel
         overwrites = {(o.type, o.id): o for o in source.overwrites}
-        everyone = overwrites.get((0, self.guild_id))
+        everyone = overwrites.get((0, channel.guild_id))
         if everyone:
             perms = (perms & ~everyone.deny) | everyone.allow
-        member = self.members[user_id]
+        member = self.guilds[channel.guild_id].members[user_id]
         allow = deny = 0
         for role_id in member.roles:
             o = overwrites.get((0, role_id))
@@ -380,16 +442,18 @@ class World:
 
     # ----- payloads ----------------------------------------------------------------------------
 
-    def guild_payload(self) -> dict[str, Any]:
+    def guild_payload(self, guild_id: int | None = None) -> dict[str, Any]:
+        guild = self.guilds[self.guild_id if guild_id is None else guild_id]
+        general = next(c for c in self.channels.values() if c.guild_id == guild.id and c.type == GUILD_TEXT)
         return {
-            "id": str(self.guild_id),
-            "name": self.guild_name,
+            "id": str(guild.id),
+            "name": guild.name,
             "icon": None,
             "splash": None,
             "discovery_splash": None,
             "banner": None,
             "description": None,
-            "owner_id": str(self.owner.id),
+            "owner_id": str(guild.owner_id),
             "afk_channel_id": None,
             "afk_timeout": 300,
             "verification_level": 0,
@@ -401,26 +465,26 @@ class World:
             "premium_subscription_count": 0,
             "premium_progress_bar_enabled": False,
             "preferred_locale": "en-US",
-            "system_channel_id": str(self.general.id),
+            "system_channel_id": str(general.id),
             "system_channel_flags": 0,
             "rules_channel_id": None,
             "public_updates_channel_id": None,
             "vanity_url_code": None,
             "application_id": None,
             "features": [],
-            "roles": [r.payload() for r in self.roles.values()],
+            "roles": [r.payload() for r in self.roles.values() if r.id in self.guild_role_ids(guild.id)],
             "emojis": [],
             "stickers": [],
-            "joined_at": self.members[self.bot_user.id].joined_at,
+            "joined_at": guild.members[self.bot_user.id].joined_at,
             "large": False,
             "unavailable": False,
-            "member_count": len(self.members),
+            "member_count": len(guild.members),
             # Without the members intent Discord sends only the bot's own member (and voice members).
-            "members": [self.members[self.bot_user.id].payload()],
+            "members": [guild.members[self.bot_user.id].payload()],
             "voice_states": [],
             "presences": [],
-            "channels": [c.payload() for c in self.channels.values() if c.guild_id and not c.is_thread],
-            "threads": [c.payload() for c in self.channels.values() if c.is_thread],
+            "channels": [c.payload() for c in self.channels.values() if c.guild_id == guild.id and not c.is_thread],
+            "threads": [c.payload() for c in self.channels.values() if c.guild_id == guild.id and c.is_thread],
             "stage_instances": [],
             "guild_scheduled_events": [],
             "soundboard_sounds": [],
@@ -436,14 +500,15 @@ class World:
                 continue
             seen.add(uid)
             data = self.users[uid].payload()
-            if channel.guild_id is not None and uid in self.members:
-                data["member"] = self.members[uid].payload(with_user=False)
+            members = self.guild_members(channel.guild_id)
+            if uid in members:
+                data["member"] = members[uid].payload(with_user=False)
             users.append(data)
         roles: list[str] = []
         if channel.guild_id is not None:
             for match in _ROLE_MENTION.finditer(content):
                 rid = int(match.group(1))
-                if rid in self.roles and str(rid) not in roles:
+                if rid in self.guild_role_ids(channel.guild_id) and str(rid) not in roles:
                     roles.append(str(rid))
         return users, roles
 
@@ -486,8 +551,9 @@ class World:
         }
         if channel.guild_id is not None:
             data["guild_id"] = str(channel.guild_id)
-            if webhook_id is None and author.id in self.members:
-                data["member"] = self.members[author.id].payload(with_user=False)
+            members = self.guild_members(channel.guild_id)
+            if webhook_id is None and author.id in members:
+                data["member"] = members[author.id].payload(with_user=False)
         if webhook_id is not None:
             data["webhook_id"] = str(webhook_id)
         if nonce is not None:
