@@ -199,3 +199,26 @@ async def test_stats(remote: RemoteEngine) -> None:
     assert (stats.model, stats.replies, stats.running, stats.queue_depth) == (MODEL_ID, 2, 0, 0)
     assert stats.latency_p50_s is not None and stats.latency_p95_s is not None
     assert stats.tokens_per_second is not None and stats.tokens_per_second > 0
+
+
+def test_the_entrypoint_builds_the_remote_engine_only_with_engine_url(fake: FakeOpenAI) -> None:
+    from bot.__main__ import build_engine
+    from config.settings import load_settings
+
+    remote = build_engine(load_settings({"ENGINE_URL": fake.url, "ENGINE_MODEL": "m"}, env_file=None))
+    assert isinstance(remote, RemoteEngine) and remote.config.url == fake.url and remote.config.model == "m"
+    assert not isinstance(build_engine(load_settings({}, env_file=None)), RemoteEngine)
+
+
+async def test_a_refused_key_stops_the_entrypoint_with_one_line(fake: FakeOpenAI) -> None:
+    from bot.__main__ import ExitCode, build_engine, start_engine
+    from config.settings import load_settings
+
+    fake.api_key_wanted = "right"
+    settings = load_settings({"ENGINE_URL": fake.url, "ENGINE_API_KEY": "wrong"}, env_file=None)
+    engine = build_engine(settings)
+    try:
+        with pytest.raises(ExitCode, match=r"^Could not use the engine at ENGINE_URL: .*refused ENGINE_API_KEY"):
+            await start_engine(engine, settings, asyncio.Event())
+    finally:
+        await engine.close()

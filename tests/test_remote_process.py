@@ -49,3 +49,15 @@ async def test_a_remote_bot_imports_no_model_libraries_and_stays_small(tmp_path:
     assert not imported & set(HEAVY), f"imported {sorted(imported & set(HEAVY))}"
     assert fake.requests[0]["messages"][-1] == {"role": "user", "content": "hello"}
     assert rss < RSS_LIMIT_BYTES, f"{rss / 2**20:.0f} MB"
+
+
+async def test_with_engine_url_model_name_is_not_checked(tmp_path: Path) -> None:
+    """MODEL_NAME names a model the bot will not load: a path that does not exist is no error then."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ENGINE_URL": "http://127.0.0.1:9", "MODEL_NAME": "./nowhere"}
+    env.pop("DISCORD_TOKEN", None)
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, errors = await asyncio.wait_for(bot.communicate(), 60)
+    assert bot.returncode == 2 and "DISCORD_TOKEN is not set" in errors.decode()  # the next check, not MODEL_NAME

@@ -1,0 +1,129 @@
+"""What serving the model through `python -m bot.serve` costs per reply, against the engine in-process.
+
+    .venv/bin/python -m bench.serve_overhead                      # the tiny test chat model, built here
+    .venv/bin/python -m bench.serve_overhead --model PATH --precision int8 --replies 10
+
+Both paths run the same model with the same settings, greedy, one reply at a time to the same
+conversation: first `bot.engine.Engine` in this process, then (with this process's engine closed)
+`python -m bot.serve` on a free port, asked through `bot.remote.RemoteEngine`, which is what a bot
+with ENGINE_URL does. Prints the median time per reply of each and the ratio. Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bot.types import Turn
+
+REPO = Path(__file__).resolve().parents[1]
+HISTORY = [
+    Turn("user", "hello there, how are you today?", "Alice"),
+    Turn("bot", "I'm fine, thanks. What would you like to talk about?"),
+    Turn("user", "tell me about your favourite music", "Alice"),
+]
+SYSTEM = "You are a friendly assistant."
+
+
+def settings_env(model: str, precision: str) -> dict[str, str]:
+    return {"MODEL_NAME": model, "DEVICE": "cpu", "PRECISION": precision, "SAMPLING": "false", "SYSTEM_PROMPT": SYSTEM}
+
+
+async def in_process(model: str, precision: str, replies: int, threads: int) -> tuple[list[float], str]:
+    import torch
+
+    from bot.engine import Engine, EngineConfig
+
+    torch.set_num_threads(threads)
+
+    config = EngineConfig(model_name=model, device="cpu", precision=precision, sampling=False, system_prompt=SYSTEM)
+    async with Engine(config) as engine:
+        await engine.reply(HISTORY)  # warm up
+        return await _time(engine.reply, replies)
+
+
+async def through_serve(url: str, replies: int) -> tuple[list[float], str]:
+    from bot.remote import RemoteConfig, RemoteEngine
+
+    async with RemoteEngine(RemoteConfig(url=url, system_prompt=SYSTEM, sampling=False, stream=False)) as engine:
+        await engine.reply(HISTORY)  # warm up
+        return await _time(engine.reply, replies)
+
+
+async def _time(reply: object, replies: int) -> tuple[list[float], str]:
+    times, text = [], ""
+    for _ in range(replies):
+        started = time.perf_counter()
+        text = await reply(HISTORY)  # type: ignore[operator]
+        times.append(time.perf_counter() - started)
+    return times, text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(model: str, precision: str, port: int, threads: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env(model, precision), "SERVE_PORT": str(port), "LOG_LEVEL": "WARNING"}
+    env["OMP_NUM_THREADS"] = str(threads)  # Ray keeps it for the replica; the engine's torch then uses as many
+    env["PYTHONPATH"] = str(REPO)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bot.serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"python -m bot.serve exited:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    raise SystemExit("python -m bot.serve did not become healthy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a model folder or hub id (default: the tiny test chat model, built here)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
+    parser.add_argument("--replies", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on both paths (default 1)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            tiny = importlib.import_module("tests.tiny_causal_model")
+            model = str(tiny.build_tiny_causal_model(Path(tmp) / "tiny-chat"))
+        local, local_text = asyncio.run(in_process(model, args.precision, args.replies, args.threads))
+        port = free_port()
+        server = start_server(model, args.precision, port, args.threads, Path(tmp) / "serve.log")
+        try:
+            served, served_text = asyncio.run(through_serve(f"http://127.0.0.1:{port}", args.replies))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    a, b = statistics.median(local), statistics.median(served)
+    print(f"model {model} ({args.precision}, {args.threads} torch threads), {args.replies} replies each, median:")
+    print(f"  in-process engine:        {a * 1000:8.1f} ms")
+    print(f"  through bot.serve (HTTP): {b * 1000:8.1f} ms")
+    print(f"  ratio: {b / a:.3f} ({(b - a) * 1000:+.1f} ms per reply)")
+    if served_text != local_text:
+        print("  note: the two paths wrote different replies (thread counts can change float rounding)")
+
+
+if __name__ == "__main__":
+    main()
