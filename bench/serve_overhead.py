@@ -36,18 +36,35 @@ HISTORY = [
 SYSTEM = "You are a friendly assistant."
 
 
-def settings_env(model: str, precision: str) -> dict[str, str]:
-    return {"MODEL_NAME": model, "DEVICE": "cpu", "PRECISION": precision, "SAMPLING": "false", "SYSTEM_PROMPT": SYSTEM}
+TIMEOUT_S = 600.0
 
 
-async def in_process(model: str, precision: str, replies: int, threads: int) -> tuple[list[float], str]:
+def settings_env(model: str, precision: str, max_new_tokens: int | None) -> dict[str, str]:
+    env = {"MODEL_NAME": model, "DEVICE": "cpu", "PRECISION": precision, "SAMPLING": "false", "SYSTEM_PROMPT": SYSTEM}
+    env["GENERATION_TIMEOUT_SECONDS"] = str(TIMEOUT_S)
+    if max_new_tokens is not None:
+        env["MAX_NEW_TOKENS"] = str(max_new_tokens)
+    return env
+
+
+async def in_process(
+    model: str, precision: str, replies: int, threads: int, max_new_tokens: int | None
+) -> tuple[list[float], str]:
     import torch
 
     from bot.engine import Engine, EngineConfig
 
     torch.set_num_threads(threads)
 
-    config = EngineConfig(model_name=model, device="cpu", precision=precision, sampling=False, system_prompt=SYSTEM)
+    config = EngineConfig(
+        model_name=model,
+        device="cpu",
+        precision=precision,
+        sampling=False,
+        system_prompt=SYSTEM,
+        max_new_tokens=max_new_tokens,
+        generation_timeout_seconds=TIMEOUT_S,
+    )
     async with Engine(config) as engine:
         await engine.reply(HISTORY)  # warm up
         return await _time(engine.reply, replies)
@@ -56,7 +73,8 @@ async def in_process(model: str, precision: str, replies: int, threads: int) -> 
 async def through_serve(url: str, replies: int) -> tuple[list[float], str]:
     from bot.remote import RemoteConfig, RemoteEngine
 
-    async with RemoteEngine(RemoteConfig(url=url, system_prompt=SYSTEM, sampling=False, stream=False)) as engine:
+    config = RemoteConfig(url=url, system_prompt=SYSTEM, sampling=False, stream=False, timeout_seconds=TIMEOUT_S)
+    async with RemoteEngine(config) as engine:
         await engine.reply(HISTORY)  # warm up
         return await _time(engine.reply, replies)
 
@@ -76,8 +94,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(model: str, precision: str, port: int, threads: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings_env(model, precision), "SERVE_PORT": str(port), "LOG_LEVEL": "WARNING"}
+def start_server(
+    model: str, precision: str, max_new_tokens: int | None, port: int, threads: int, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env(model, precision, max_new_tokens), "SERVE_PORT": str(port)}
+    env["LOG_LEVEL"] = "WARNING"
     env["OMP_NUM_THREADS"] = str(threads)  # Ray keeps it for the replica; the engine's torch then uses as many
     env["PYTHONPATH"] = str(REPO)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -101,6 +122,7 @@ def main() -> None:
     parser.add_argument("--model", help="a model folder or hub id (default: the tiny test chat model, built here)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     parser.add_argument("--replies", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, help="longest reply (default: the model's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both paths (default 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,9 +130,11 @@ def main() -> None:
         if model is None:
             tiny = importlib.import_module("tests.tiny_causal_model")
             model = str(tiny.build_tiny_causal_model(Path(tmp) / "tiny-chat"))
-        local, local_text = asyncio.run(in_process(model, args.precision, args.replies, args.threads))
+        local, local_text = asyncio.run(
+            in_process(model, args.precision, args.replies, args.threads, args.max_new_tokens)
+        )
         port = free_port()
-        server = start_server(model, args.precision, port, args.threads, Path(tmp) / "serve.log")
+        server = start_server(model, args.precision, args.max_new_tokens, port, args.threads, Path(tmp) / "serve.log")
         try:
             served, served_text = asyncio.run(through_serve(f"http://127.0.0.1:{port}", args.replies))
         finally:

@@ -37,7 +37,7 @@ from typing import Any
 import openai
 
 from bot.engine.chat_prompt import chat_messages, strip_think, visible_so_far
-from bot.engine_api import EngineBusy, EngineError, EngineStats, GenerationTimeout, percentile
+from bot.engine_api import EngineBusy, EngineClosed, EngineError, EngineStats, GenerationTimeout, percentile
 from bot.types import Turn
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ class RemoteEngine:
     def __init__(self, config: RemoteConfig) -> None:
         self.config = config
         self._client: openai.AsyncOpenAI | None = None
+        self._closed = False
+        self._asking: set[asyncio.Future[tuple[str, int | None]]] = set()
         self._model = config.model  # found at start (or at the first reply) when not configured
         self._running = 0
         self._replies = 0
@@ -129,6 +131,10 @@ class RemoteEngine:
         log.info("remote engine at %s answers with the model %s", self.config.url, model)
 
     async def close(self) -> None:
+        """Stop: replies still waiting for the server raise `EngineClosed` (the bot says it is restarting)."""
+        self._closed = True
+        for asking in self._asking:
+            asking.cancel()
         if self._client is not None:
             await self._client.close()
 
@@ -148,18 +154,25 @@ class RemoteEngine:
 
     async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str:
         """The bot's next turn for `history` (oldest first, newest user turn last), from the server."""
-        if self._client is None:
-            raise EngineError("the remote engine has not been started")
+        if self._closed or self._client is None:
+            raise EngineClosed("the remote engine is not running")
         started = time.monotonic()
         self._running += 1
+        asking = asyncio.ensure_future(
+            asyncio.wait_for(self._reply_fitting(list(history), on_partial), self.config.timeout_seconds)
+        )
+        self._asking.add(asking)
         try:
-            text, tokens = await asyncio.wait_for(
-                self._reply_fitting(list(history), on_partial), self.config.timeout_seconds
-            )
+            text, tokens = await asking
         except asyncio.TimeoutError:
             raise GenerationTimeout(f"no reply within {self.config.timeout_seconds:g}s") from None
+        except asyncio.CancelledError:
+            if self._closed and asking.cancelled() and not _being_cancelled():
+                raise EngineClosed("the remote engine was closed") from None
+            raise
         finally:
             self._running -= 1
+            self._asking.discard(asking)
         elapsed = time.monotonic() - started
         self._replies += 1
         self._latencies.append(elapsed)
@@ -262,6 +275,13 @@ class RemoteEngine:
             tokens_per_second=self._tokens / self._token_seconds if self._token_seconds else None,
             uptime_s=time.monotonic() - self._started_at,
         )
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (not only something it awaited)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+; on 3.10 close() wins
+    return cancelling is not None and cancelling() > 0
 
 
 def _context_too_long(exc: openai.BadRequestError) -> bool:

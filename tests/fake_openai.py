@@ -40,6 +40,7 @@ class FakeOpenAI:
         self.error_type = "timeout"
         self.models: list[str] = [MODEL_ID]
         self.requests: list[dict[str, Any]] = []  # chat completion bodies, in order
+        self.received = asyncio.Event()  # set at each chat completion request
         self.api_key_wanted: str | None = None
         self._runner: web.AppRunner | None = None
         self._hanging: set[asyncio.Event] = set()
@@ -80,6 +81,7 @@ class FakeOpenAI:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.received.set()
         refused = self._refused(request)
         if refused is not None:
             return refused

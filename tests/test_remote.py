@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bot.chat import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
-from bot.engine_api import EngineError
+from bot.engine_api import EngineClosed, EngineError
 from bot.remote import CONTEXT_RETRIES, RemoteConfig, RemoteEngine
 from bot.types import Conversation, Turn
 from tests.fake_openai import MODEL_ID, FakeOpenAI
@@ -222,3 +222,18 @@ async def test_a_refused_key_stops_the_entrypoint_with_one_line(fake: FakeOpenAI
             await start_engine(engine, settings, asyncio.Event())
     finally:
         await engine.close()
+
+
+async def test_closing_tells_waiting_replies_the_engine_closed(chat: ChatService, fake: FakeOpenAI) -> None:
+    from bot.chat import CLOSING_TEXT
+
+    fake.mode = "hang"
+    engine = RemoteEngine(config(fake))
+    await engine.start()
+    chat.engine = engine
+    waiting = asyncio.ensure_future(chat.respond(HERE, 1, "hello"))
+    await asyncio.wait_for(fake.received.wait(), 5)
+    await engine.close()
+    assert (await asyncio.wait_for(waiting, 5)).text == CLOSING_TEXT
+    with pytest.raises(EngineClosed):
+        await engine.reply([Turn("user", "hi")])
