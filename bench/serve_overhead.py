@@ -4,9 +4,10 @@
     .venv/bin/python -m bench.serve_overhead --model PATH --precision int8 --replies 10
 
 Both paths run the same model with the same settings, greedy, one reply at a time to the same
-conversation: first `bot.engine.Engine` in this process, then (with this process's engine closed)
-`python -m bot.serve` on a free port, asked through `bot.remote.RemoteEngine`, which is what a bot
-with ENGINE_URL does. Prints the median time per reply of each and the ratio. Not part of the tests.
+conversation: `bot.engine.Engine` in this process, and `python -m bot.serve` on a free port asked
+through `bot.remote.RemoteEngine` (what a bot with ENGINE_URL does). Replies alternate between the
+two, so a machine busy with other work slows both alike. Prints the median time per reply of each
+and the ratio. Not part of the tests.
 """
 
 from __future__ import annotations
@@ -47,16 +48,17 @@ def settings_env(model: str, precision: str, max_new_tokens: int | None) -> dict
     return env
 
 
-async def in_process(
-    model: str, precision: str, replies: int, threads: int, max_new_tokens: int | None
-) -> tuple[list[float], str]:
+async def alternate(
+    model: str, precision: str, url: str, replies: int, threads: int, max_new_tokens: int | None
+) -> tuple[list[float], list[float], bool]:
+    """Time each path `replies` times, one reply each in turn, so a busy machine slows both alike."""
     import torch
 
     from bot.engine import Engine, EngineConfig
+    from bot.remote import RemoteConfig, RemoteEngine
 
     torch.set_num_threads(threads)
-
-    config = EngineConfig(
+    local_config = EngineConfig(
         model_name=model,
         device="cpu",
         precision=precision,
@@ -65,27 +67,17 @@ async def in_process(
         max_new_tokens=max_new_tokens,
         generation_timeout_seconds=TIMEOUT_S,
     )
-    async with Engine(config) as engine:
-        await engine.reply(HISTORY)  # warm up
-        return await _time(engine.reply, replies)
-
-
-async def through_serve(url: str, replies: int) -> tuple[list[float], str]:
-    from bot.remote import RemoteConfig, RemoteEngine
-
-    config = RemoteConfig(url=url, system_prompt=SYSTEM, sampling=False, stream=False, timeout_seconds=TIMEOUT_S)
-    async with RemoteEngine(config) as engine:
-        await engine.reply(HISTORY)  # warm up
-        return await _time(engine.reply, replies)
-
-
-async def _time(reply: object, replies: int) -> tuple[list[float], str]:
-    times, text = [], ""
-    for _ in range(replies):
-        started = time.perf_counter()
-        text = await reply(HISTORY)  # type: ignore[operator]
-        times.append(time.perf_counter() - started)
-    return times, text
+    remote_config = RemoteConfig(url=url, system_prompt=SYSTEM, sampling=False, stream=False, timeout_seconds=TIMEOUT_S)
+    local_times: list[float] = []
+    served_times: list[float] = []
+    async with Engine(local_config) as local, RemoteEngine(remote_config) as served:
+        same = await local.reply(HISTORY) == await served.reply(HISTORY)  # warm up both
+        for _ in range(replies):
+            for engine, times in ((local, local_times), (served, served_times)):
+                started = time.perf_counter()
+                await engine.reply(HISTORY)
+                times.append(time.perf_counter() - started)
+    return local_times, served_times, same
 
 
 def free_port() -> int:
@@ -130,13 +122,14 @@ def main() -> None:
         if model is None:
             tiny = importlib.import_module("tests.tiny_causal_model")
             model = str(tiny.build_tiny_causal_model(Path(tmp) / "tiny-chat"))
-        local, local_text = asyncio.run(
-            in_process(model, args.precision, args.replies, args.threads, args.max_new_tokens)
-        )
         port = free_port()
         server = start_server(model, args.precision, args.max_new_tokens, port, args.threads, Path(tmp) / "serve.log")
         try:
-            served, served_text = asyncio.run(through_serve(f"http://127.0.0.1:{port}", args.replies))
+            local, served, same = asyncio.run(
+                alternate(
+                    model, args.precision, f"http://127.0.0.1:{port}", args.replies, args.threads, args.max_new_tokens
+                )
+            )
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -145,7 +138,7 @@ def main() -> None:
     print(f"  in-process engine:        {a * 1000:8.1f} ms")
     print(f"  through bot.serve (HTTP): {b * 1000:8.1f} ms")
     print(f"  ratio: {b / a:.3f} ({(b - a) * 1000:+.1f} ms per reply)")
-    if served_text != local_text:
+    if not same:
         print("  note: the two paths wrote different replies (thread counts can change float rounding)")
 
 

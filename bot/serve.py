@@ -23,11 +23,13 @@ ends with an error event of the same shape.
 The bot never imports this module (nor Ray); `requirements-serve.txt` installs what it needs.
 """
 
+import argparse
 import asyncio
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -315,8 +317,22 @@ def wait_for_stop() -> None:
     stop.wait()
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the HTTP proxy could not listen there (checked before Ray starts, which would only retry), or None."""
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_stop) -> int:
     """Start Ray on this machine (no dashboard), run the app on SERVE_HOST:SERVE_PORT until stopped."""
+    argparse.ArgumentParser(
+        prog="python -m bot.serve",
+        description="Serve the model over the OpenAI chat completions API (Ray Serve), configured by the bot's "
+        "settings (.env, the environment) and SERVE_HOST, SERVE_PORT, SERVE_REPLICAS.",
+    ).parse_args(argv)
     try:
         settings = load_settings()
         from bot.engine.loading import ModelLoadError, check_model_name
@@ -328,6 +344,13 @@ def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_
     except SettingsError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2
+    problem = port_problem(settings.serve_host, settings.serve_port)
+    if problem:
+        print(
+            f"Cannot serve on SERVE_HOST {settings.serve_host}, SERVE_PORT {settings.serve_port}: {problem}",
+            file=sys.stderr,
+        )
+        return 1
     logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(levelname)-8s] %(name)s: %(message)s")
     import ray
 

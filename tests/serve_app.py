@@ -65,6 +65,8 @@ def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         yield ServeApp(url, str(tiny_chat_model_dir), log)
     finally:
         _stop(process)
+    output = log.read_text(errors="replace")
+    assert process.returncode == 0 and "Stopping the model server." in output, output[-3000:]
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
