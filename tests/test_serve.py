@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,12 @@ async def test_bad_requests_are_400_with_a_reason(serve_app: ServeApp, body: str
     status, answer = await post(serve_app, body)
     assert status == 400
     assert message in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_system_message_longer_than_the_context_is_400(serve_app: ServeApp) -> None:
+    body = {"messages": [{"role": "system", "content": "word " * 2000}, {"role": "user", "content": "hi"}]}
+    status, answer = await post(serve_app, json.dumps(body))
+    assert status == 400 and "do not fit the model" in answer["error"]["message"]
 
 
 async def test_bad_requests_through_the_client(client: openai.AsyncOpenAI) -> None:
