@@ -12,9 +12,11 @@ help:  ## list these targets
 	@echo "make TARGET, where TARGET is one of:"
 	@awk 'BEGIN { FS = ":.*##[ ]*" } /^[a-z][a-z-]*:.*##/ { printf "  %-9s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-$(STAMP): requirements.txt
+# requirements-serve.txt (Ray Serve, for python -m bot.serve) is optional for running the bot, but
+# installed here too so the server's tests always run.
+$(STAMP): requirements.txt requirements-serve.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-serve.txt
 	@touch $(STAMP)
 
 # Exit status 2 is the bot's "a setting needs fixing" (no DISCORD_TOKEN, a bad value): it has printed

@@ -21,8 +21,7 @@ from aiohttp import web
 
 from bot.chat import ChatService
 from bot.client import ChatBot
-from bot.engine import Engine, EngineConfig, EngineError
-from bot.engine.loading import ModelLoadError, check_model_name
+from bot.engine_api import EngineError, ServingEngine
 from bot.history import HistoryStore, HistoryUnavailable, open_store, redact
 from bot.metrics import Metrics, MetricsPortError, serve_metrics
 from bot.types import Conversation
@@ -87,8 +86,8 @@ async def until_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> asyncio
     return None
 
 
-async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) -> None:
-    """Load the model; Ctrl-C or SIGTERM during a long first download stops at once."""
+async def start_engine(engine: ServingEngine, settings: Settings, stop: asyncio.Event) -> None:
+    """Load the model (or reach the remote engine); Ctrl-C or SIGTERM during a long first download stops at once."""
     started = time.monotonic()
     loading = await until_stopped(engine.start(), stop)
     if loading is None:
@@ -96,6 +95,8 @@ async def start_engine(engine: Engine, settings: Settings, stop: asyncio.Event) 
     try:
         loading.result()
     except EngineError as exc:
+        if settings.engine_url:
+            raise ExitCode(f"Could not use the engine at ENGINE_URL: {exc}") from None
         raise ExitCode(f"Could not load the model {settings.model_name!r}: {exc}") from None
     log.info("engine started in %.1fs", time.monotonic() - started)
 
@@ -114,9 +115,9 @@ async def open_history(settings: Settings) -> HistoryStore:
 @asynccontextmanager
 async def services(
     settings: Settings, history: HistoryStore, metrics: Metrics | None = None
-) -> AsyncIterator[tuple[Engine, ChatService]]:
+) -> AsyncIterator[tuple[ServingEngine, ChatService]]:
     """The engine (not started yet) and the chat service over `history`; both closed on exit."""
-    engine = Engine(EngineConfig.from_settings(settings))
+    engine = build_engine(settings)
     try:
         yield engine, ChatService(engine, history, metrics=metrics)
     finally:
@@ -136,11 +137,25 @@ async def start_metrics(settings: Settings, metrics: Metrics) -> web.AppRunner |
     return runner
 
 
-def watch(metrics: Metrics, engine: Engine, bot: ChatBot) -> None:
+def watch(metrics: Metrics, engine: ServingEngine, bot: ChatBot) -> None:
     """What the gauges read at scrape time, and what /ready also waits for: every shard connected."""
     metrics.watch_engine(engine.stats)
     metrics.watch_gateway(lambda: bot.latencies)
     metrics.add_readiness_check(bot.gateway_ready)
+
+
+def build_engine(settings: Settings) -> ServingEngine:
+    """The remote engine when ENGINE_URL is set, else the model in this process.
+
+    Each is imported only when used: a bot with ENGINE_URL never imports torch or transformers.
+    """
+    if settings.engine_url:
+        from bot.remote import RemoteConfig, RemoteEngine
+
+        return RemoteEngine(RemoteConfig.from_settings(settings))
+    from bot.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig.from_settings(settings))
 
 
 async def log_in(bot: ChatBot, token: str, stop: asyncio.Event) -> None:
@@ -154,7 +169,7 @@ async def log_in(bot: ChatBot, token: str, stop: asyncio.Event) -> None:
     logging_in.result()
 
 
-async def serve(bot: ChatBot, engine: Engine, settings: Settings, stop: asyncio.Event) -> None:
+async def serve(bot: ChatBot, engine: ServingEngine, settings: Settings, stop: asyncio.Event) -> None:
     """Connect to the gateway and answer until the connection ends or Ctrl-C / SIGTERM; then stop gracefully."""
     runner = asyncio.create_task(bot.connect())
     stopper = asyncio.create_task(stop.wait())
@@ -241,7 +256,7 @@ async def run_console(settings: Settings) -> None:
     history = await open_store(":memory:", settings.history_turns)
     async with services(settings, history) as (engine, chat):
         await start_engine(engine, settings, stop)
-        print(CONSOLE_BANNER.format(model=settings.model_name))
+        print(CONSOLE_BANNER.format(model=engine.stats().model))
         lines = stdin_lines()
         while not stop.is_set():
             print("you> ", end="", flush=True)
@@ -316,7 +331,7 @@ def stdin_lines() -> asyncio.Queue[str | None]:
     return lines
 
 
-def setup_logging(level: int) -> None:
+def setup_logging(level: int, *, local_model: bool = True) -> None:
     """One handler on the root logger, coloured only on a terminal; libraries speak only of errors.
 
     discord.py colours whenever it runs in Docker, even into a file, so the choice is made here.
@@ -333,6 +348,8 @@ def setup_logging(level: int) -> None:
     library_level = "warning" if level <= logging.DEBUG else "error"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", library_level)  # read when transformers is first imported
     os.environ.setdefault("HF_HUB_VERBOSITY", library_level)
+    if not local_model:
+        return  # a remote engine: the Hugging Face libraries are never imported
     from huggingface_hub.utils import logging as hub_logging  # importing it adds its own handler
 
     hub_logging.get_logger().handlers.clear()  # its records reach the root handler anyway
@@ -346,11 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        check_model_name(settings.model_name)
-    except (SettingsError, ModelLoadError) as exc:
+        if not settings.engine_url:
+            from bot.engine.loading import ModelLoadError, check_model_name
+
+            try:
+                check_model_name(settings.model_name)
+            except ModelLoadError as exc:
+                raise SettingsError(str(exc)) from None
+    except SettingsError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(getattr(logging, settings.log_level))
+    setup_logging(getattr(logging, settings.log_level), local_model=not settings.engine_url)
     try:
         asyncio.run(run_console(settings) if args.console else run_discord(settings))
     except ExitCode as exc:

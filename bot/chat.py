@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Protocol
 
-from bot.engine import EngineBusy, EngineClosed, EngineStats, GenerationTimeout
+from bot.engine_api import EngineBusy, EngineClosed, GenerationTimeout, ReplyEngine
 from bot.history import HistoryError, HistoryStore
 from bot.metrics import Metrics
 from bot.types import Conversation, Reply, Turn
@@ -21,15 +20,6 @@ TIMEOUT_TEXT = "Sorry, that took me too long to think about. Could you try again
 ERROR_TEXT = "Sorry, something went wrong on my side and I couldn't answer. Please try again."
 CLOSING_TEXT = "I'm restarting right now, so I can't answer this one. Please ask again in a minute."
 EMPTY_REPLY_TEXT = "I'm not sure what to say to that. Could you tell me more?"
-
-
-class ReplyEngine(Protocol):
-    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str: ...
-
-    def stats(self) -> EngineStats: ...
-
-    @property
-    def can_stream(self) -> bool: ...
 
 
 class ChatService:

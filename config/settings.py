@@ -66,6 +66,14 @@ class Settings:
     # Prometheus metrics and readiness over HTTP; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # A remote engine (bot/remote.py): an OpenAI-compatible server instead of a model in this process.
+    engine_url: str | None = None  # e.g. http://127.0.0.1:8000 (without /v1)
+    engine_model: str | None = None  # None: the first model the server lists
+    engine_api_key: str | None = None
+    # The Ray Serve app (bot/serve.py).
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_replicas: int = 1
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
@@ -180,6 +188,22 @@ def _system_prompt(key: str, raw: str) -> str:
     return "" if raw.lower() == NO_SYSTEM_PROMPT else raw
 
 
+def _url(key: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(ch.isspace() for ch in raw):
+        raise SettingsError(f"{key} must be an http:// or https:// URL such as http://127.0.0.1:8000, got {raw!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError:
+        raise SettingsError(f"{key} has an invalid port: {raw!r}") from None
+    if parts.query or parts.fragment:
+        raise SettingsError(f"{key} must not carry a query or fragment, got {raw!r}")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):  # the client adds /v1 itself
+        path = path[: -len("/v1")]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
 # key -> (dataclass field, parser). Empty values count as unset.
 _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "DISCORD_TOKEN": ("discord_token", _token),
@@ -206,6 +230,12 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "SHARD_IDS": ("shard_ids", _shard_ids),
     "METRICS_PORT": ("metrics_port", _int(1, 65535)),
     "METRICS_HOST": ("metrics_host", _host),
+    "ENGINE_URL": ("engine_url", _url),
+    "ENGINE_MODEL": ("engine_model", _text),
+    "ENGINE_API_KEY": ("engine_api_key", _token),
+    "SERVE_HOST": ("serve_host", _host),
+    "SERVE_PORT": ("serve_port", _int(1, 65535)),
+    "SERVE_REPLICAS": ("serve_replicas", _int(1, 64)),
 }
 
 SETTING_KEYS = tuple(_PARSERS)

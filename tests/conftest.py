@@ -15,7 +15,7 @@ from tests.tiny_causal_model import build_tiny_causal_model
 from tests.tiny_model import build_tiny_model
 
 # Fixture modules shared by every test (imported here rather than into each test module).
-pytest_plugins = ["tests.scripted_engine", "tests.postgres"]
+pytest_plugins = ["tests.scripted_engine", "tests.postgres", "tests.serve_app"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -81,6 +81,15 @@ def test_empty_values_mean_default() -> None:
         ("METRICS_PORT", "65536"),
         ("METRICS_PORT", "http"),
         ("METRICS_HOST", "local host"),
+        ("ENGINE_URL", "127.0.0.1:8000"),
+        ("ENGINE_URL", "ftp://models.example"),
+        ("ENGINE_URL", "http://"),
+        ("ENGINE_URL", "http://host:99999"),
+        ("ENGINE_URL", "http://host:8000/?key=1"),
+        ("ENGINE_API_KEY", "two words"),
+        ("SERVE_PORT", "0"),
+        ("SERVE_PORT", "65536"),
+        ("SERVE_REPLICAS", "0"),
     ],
 )
 def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
@@ -183,3 +192,24 @@ def test_shard_and_metrics_defaults() -> None:
     assert (s.shard_count, s.shard_ids, s.metrics_port, s.metrics_host) == (None, None, None, "127.0.0.1")
     s = load_settings({"SHARD_COUNT": "2", "METRICS_PORT": "9100", "METRICS_HOST": "0.0.0.0"}, env_file=None)
     assert (s.shard_count, s.shard_ids, s.metrics_port, s.metrics_host) == (2, None, 9100, "0.0.0.0")
+
+
+def test_remote_engine_and_serve_settings() -> None:
+    s = load_settings({}, env_file=None)
+    assert (s.engine_url, s.engine_model, s.engine_api_key) == (None, None, None)
+    assert (s.serve_host, s.serve_port, s.serve_replicas) == ("127.0.0.1", 8000, 1)
+    s = load_settings(
+        {
+            "ENGINE_URL": "https://models.example:8443/llm/v1/",
+            "ENGINE_MODEL": "Qwen/Qwen2.5-0.5B-Instruct",
+            "ENGINE_API_KEY": "sk-123",
+            "SERVE_HOST": "0.0.0.0",
+            "SERVE_PORT": "9000",
+            "SERVE_REPLICAS": "2",
+        },
+        env_file=None,
+    )
+    assert s.engine_url == "https://models.example:8443/llm"  # the client adds /v1 itself
+    assert (s.engine_model, s.engine_api_key) == ("Qwen/Qwen2.5-0.5B-Instruct", "sk-123")
+    assert (s.serve_host, s.serve_port, s.serve_replicas) == ("0.0.0.0", 9000, 2)
+    assert load_settings({"ENGINE_URL": "http://127.0.0.1:8000"}, env_file=None).engine_url == "http://127.0.0.1:8000"

@@ -19,6 +19,7 @@ from typing import Any
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
 from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
 from bot.engine.prompt import build_input_ids
+from bot.engine_api import EngineStats, percentile
 from bot.types import Turn
 
 __all__ = [
@@ -80,30 +81,6 @@ class EngineConfig:
         )
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    model: str
-    device: str
-    precision: str
-    queue_depth: int
-    running: int
-    replies: int
-    latency_p50_s: float | None
-    latency_p95_s: float | None
-    queue_wait_p50_s: float | None
-    queue_wait_p95_s: float | None
-    tokens_per_second: float | None
-    uptime_s: float
-
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
 class Engine:
     """Owns the tokenizer, the model and the decode-loop thread. Knows nothing of Discord."""
 
@@ -152,13 +129,17 @@ class Engine:
 
     # ----- requests ----------------------------------------------------------------------------
 
-    def encode_prompt(self, history: Sequence[Turn]) -> list[int]:
-        """The prompt's token ids: BlenderBot's format, or the model's chat template, cut to fit."""
+    def encode_prompt(self, history: Sequence[Turn], *, system_prompt: str | None = None) -> list[int]:
+        """The prompt's token ids: BlenderBot's format, or the model's chat template, cut to fit.
+
+        `system_prompt` replaces SYSTEM_PROMPT for this prompt (a chat model's; BlenderBot has none).
+        """
         tok = self._tokenizer
         if self._chat_template:
             from bot.engine.chat_prompt import build_chat_ids
 
-            return build_chat_ids(tok, history, system_prompt=self.config.system_prompt, budget=self.max_input_tokens)
+            system = self.config.system_prompt if system_prompt is None else system_prompt
+            return build_chat_ids(tok, history, system_prompt=system, budget=self.max_input_tokens)
         return build_input_ids(
             history,
             lambda text: tok(text, add_special_tokens=False)["input_ids"],
@@ -177,6 +158,12 @@ class Engine:
         With `on_partial`, and when the engine can stream, it is called on the event loop with the
         reply so far each time the model has written more; each text extends the one before.
         """
+        if self._closed or self._scheduler is None:
+            raise EngineClosed("the model is not running")
+        return await self.generate(self.encode_prompt(history), on_partial)
+
+    async def generate(self, prompt_ids: list[int], on_partial: Callable[[str], None] | None = None) -> str:
+        """`reply` for a prompt already encoded by `encode_prompt` (the server counts its tokens)."""
         from bot.engine.scheduler import Request
 
         if self._closed or self._scheduler is None:
@@ -190,7 +177,7 @@ class Engine:
         now = time.monotonic()
         self._scheduler.submit(
             Request(
-                self.encode_prompt(history),
+                prompt_ids,
                 deliver,
                 deadline=now + self.config.generation_timeout_seconds,
                 abandoned=future.cancelled,
@@ -234,10 +221,10 @@ class Engine:
             queue_depth=scheduler.waiting if scheduler is not None else 0,
             running=counters.running if counters else 0,
             replies=counters.replies if counters else 0,
-            latency_p50_s=_percentile(latencies, 0.50),
-            latency_p95_s=_percentile(latencies, 0.95),
-            queue_wait_p50_s=_percentile(waits, 0.50),
-            queue_wait_p95_s=_percentile(waits, 0.95),
+            latency_p50_s=percentile(latencies, 0.50),
+            latency_p95_s=percentile(latencies, 0.95),
+            queue_wait_p50_s=percentile(waits, 0.50),
+            queue_wait_p95_s=percentile(waits, 0.95),
             tokens_per_second=(counters.tokens / counters.step_seconds) if counters and counters.step_seconds else None,
             uptime_s=time.monotonic() - self._started_at,
         )

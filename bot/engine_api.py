@@ -1,0 +1,85 @@
+"""What the chat layer needs of an engine, without loading one: errors, stats and the interface.
+
+Kept apart from `bot.engine` (which loads models with torch) so a bot that talks to a remote engine
+(ENGINE_URL, see `bot.remote`) never imports torch or transformers. `bot.engine` re-exports all of
+these, so `from bot.engine import EngineBusy` keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.types import Turn
+
+__all__ = [
+    "EngineBusy",
+    "EngineClosed",
+    "EngineError",
+    "EngineStats",
+    "GenerationTimeout",
+    "ReplyEngine",
+    "ServingEngine",
+    "percentile",
+]
+
+
+class EngineError(RuntimeError):
+    """The model could not be loaded or failed to generate."""
+
+
+class EngineBusy(EngineError):
+    """Too many requests are waiting; try again in a moment."""
+
+
+class EngineClosed(EngineError):
+    """The engine has been closed and takes no more work."""
+
+
+class GenerationTimeout(EngineError):
+    """Generation ran past its deadline and was stopped."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    model: str
+    device: str
+    precision: str
+    queue_depth: int
+    running: int
+    replies: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    queue_wait_p50_s: float | None
+    queue_wait_p95_s: float | None
+    tokens_per_second: float | None
+    uptime_s: float
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The `q` quantile (0..1) of `values` by nearest rank; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class ReplyEngine(Protocol):
+    """What `ChatService` asks of an engine: the in-process `bot.engine.Engine` or `bot.remote.RemoteEngine`."""
+
+    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def can_stream(self) -> bool: ...
+
+
+class ServingEngine(ReplyEngine, Protocol):
+    """An engine the entrypoint starts before serving and closes at the end."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
