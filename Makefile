@@ -46,8 +46,11 @@ bench: $(STAMP)  ## speed and memory benchmark on a full-size random BlenderBot-
 	$(PY) -m pip install --quiet --disable-pip-version-check "matplotlib>=3.8"  # the chart only
 	$(PY) -m bench
 
-soak: $(STAMP)  ## long run through the fake Discord (not part of CI)
-	$(PY) -m tests.soak
+soak: $(STAMP)  ## long runs through the fake Discord: one bot, then 2 shards+PostgreSQL+Ray Serve (not in CI)
+	@status=0; \
+	$(PY) -m tests.soak || status=1; \
+	$(PY) -m tests.soak --topology scaled || status=1; \
+	exit $$status
 
 clean:  ## delete .venv, the tools' caches and the bench's model (bench/.cache, about 1.5 GB)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/.cache

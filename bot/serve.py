@@ -13,7 +13,7 @@ a CPU), loaded from the same settings as the bot (MODEL_NAME, PRECISION, MAX_BAT
   conversation is never refused. The reply's length and sampling are the server's settings
   (MAX_NEW_TOKENS, SAMPLING); a request's own `max_tokens` and `temperature` are not applied.
 - `GET /v1/models`: the one model served (its MODEL_NAME).
-- `GET /health`: 200 once the model is loaded.
+- `GET /health`: 200 once the model is loaded, with the answering replica's process id and torch threads.
 
 Errors carry OpenAI's error body (`{"error": {"message", "type", "code"}}`): 400 for a malformed
 request, 404 for another model, 429 when the engine's queue is full, 504 when a reply runs past
@@ -169,8 +169,11 @@ class ChatEngine:
         await self.engine.close()
 
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.model}
+    async def health(self) -> dict[str, Any]:
+        """Also says which replica answered (its process id) and how many threads its torch computes with."""
+        import torch
+
+        return {"status": "ok", "model": self.model, "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,28 +112,60 @@ class PostgresServer:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test session (skips the test when the binaries are not installed)."""
+class Unavailable(Exception):
+    """No PostgreSQL server can be started here; the message says why and how to install one."""
+
+
+def start_server() -> PostgresServer:
+    """A new PostgreSQL server in a temp dir, running; `discard` stops it and deletes its files."""
     folder = find_bin()
     if folder is None:
-        pytest.skip(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {INSTALL_HINT}")
+        raise Unavailable(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {INSTALL_HINT}")
     run_as = None
     if os.geteuid() == 0:
         try:
             run_as = pwd.getpwnam("postgres").pw_name
         except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run the server as; " + INSTALL_HINT)
+            hint = "running as root and there is no `postgres` user to run the server as; " + INSTALL_HINT
+            raise Unavailable(hint) from None
     root = Path(tempfile.mkdtemp(prefix="bot-pg-"))  # short, and outside pytest's 0700 folders (for run_as)
     server = PostgresServer(folder, root, _free_port(), run_as, itertools.count(1))
     try:
         server.start()
+    except BaseException:
+        discard(server)
+        raise
+    return server
+
+
+def discard(server: PostgresServer) -> None:
+    try:
+        server.stop()
+    finally:
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@contextmanager
+def running_server() -> Iterator[PostgresServer]:
+    """A server for the length of a `with` block, stopped and deleted on the way out (also on failure)."""
+    server = start_server()
+    try:
         yield server
     finally:
-        try:
-            server.stop()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        discard(server)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test session (skips the test when the binaries are not installed)."""
+    try:
+        server = start_server()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        discard(server)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ in-process engine's on the same model. MAX_BATCH=1 and MAX_QUEUE=1 let a test fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.fake_openai import free_port
@@ -33,26 +35,26 @@ class ServeApp:
     url: str  # ENGINE_URL for the bot: no /v1
     model: str  # the id it serves: MODEL_NAME
     log: Path
+    pid: int  # the `python -m bot.serve` process: its replicas run under it
 
 
-@pytest.fixture(scope="session")
-def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    workdir = tmp_path_factory.mktemp("serve")  # its working folder: no .env of the developer's is read
+def launch(model_dir: Path, workdir: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start `python -m bot.serve` on `model_dir` (greedy, fp32, a free port) with its log in `workdir`;
+    returns the process, its URL and its log once it is healthy. On failure it is stopped and this raises."""
     port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "MODEL_NAME": str(tiny_chat_model_dir),
+        "MODEL_NAME": str(model_dir),
         "DEVICE": "cpu",
         "PRECISION": "fp32",
         "SAMPLING": "false",
-        "MAX_BATCH": "1",
-        "MAX_QUEUE": "1",
         "SERVE_HOST": "127.0.0.1",
         "SERVE_PORT": str(port),
         "LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        **overrides,
     }
     log = workdir / "serve.log"
     with log.open("wb") as out:
@@ -62,11 +64,34 @@ def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log)
-        yield ServeApp(url, str(tiny_chat_model_dir), log)
+    except BaseException:
+        stop(process)
+        raise
+    return process, url, log
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    workdir = tmp_path_factory.mktemp("serve")  # its working folder: no .env of the developer's is read
+    process, url, log = launch(tiny_chat_model_dir, workdir, MAX_BATCH="1", MAX_QUEUE="1")
+    try:
+        yield ServeApp(url, str(tiny_chat_model_dir), log, process.pid)
     finally:
-        _stop(process)
+        stop(process)
     output = log.read_text(errors="replace")
     assert process.returncode == 0 and "Stopping the model server." in output, output[-3000:]
+
+
+def replica_processes(server_pid: int) -> list[psutil.Process]:
+    """The engine replicas' processes under a `python -m bot.serve` (Ray titles them `ray::ServeReplica:...`)."""
+    found = []
+    for process in psutil.Process(server_pid).children(recursive=True):
+        try:
+            if "ServeReplica:" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return found
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -85,7 +110,12 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise AssertionError(f"python -m bot.serve was not healthy within {START_TIMEOUT_S:.0f}s:\n{tail}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (bot.serve then stops Ray), SIGKILL if it lingers; then whatever Ray process it left is killed."""
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -93,3 +123,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()

@@ -1,7 +1,9 @@
 """Soak: thousands of messages through the fake Discord, with a gateway reconnect and a bot restart.
 
-Run with `make soak` (`python -m tests.soak`); pytest does not collect it (no test functions, and
-the name does not match `test_*.py`). Options: `--messages N` (default 2000), `--seed S`.
+Run with `make soak` (`python -m tests.soak`, then `python -m tests.soak --topology scaled`); pytest
+does not collect it (no test functions, and the name does not match `test_*.py`). Options:
+`--messages N` (default 2000), `--seed S`, `--topology single|scaled` (default single: what follows;
+scaled: two sharded bot processes, PostgreSQL and the Ray Serve app, see tests/soak_scaled.py).
 
 What it does. A fake Discord on loopback holds 20 text channels and 10 people, each with a DM: 30
 conversations. The real bot runs in this process through `bot.__main__.run_discord` (the product's
@@ -75,6 +77,7 @@ class Conv:
     marker: str
     channel: Channel
     person: User | None = None  # DMs: the one person on the other side
+    shard: int = 0  # the shard Discord sends its messages to
 
 
 @dataclass
@@ -128,10 +131,11 @@ class Soak:
         self.attempts: dict[str, Attempt] = {}
         self.order: list[Attempt] = []
         self.unreferenced: list[dict[str, Any]] = []
+        self.replies_by_id: dict[str, dict[str, Any]] = {}  # bot message id -> the reply as last edited
         self.pending: set[str] = set()
         self.post_time: dict[str, float] = {}  # bot message id -> when its POST reached the fake
         self.rest_problems: list[str] = []
-        self._indexed = 0
+        self._indexed = self._edits_indexed = 0
         self.serial = 0
         self.runner: asyncio.Task[None] | None = None
         self.online = False
@@ -146,8 +150,17 @@ class Soak:
             w.users[person.id] = person
             w.members[person.id] = Member(person, [])
             self.people.append(person)
-        self.convs = [Conv(f"c{i:02d}", w.add_text_channel(f"soak-{i:02d}")) for i in range(CHANNELS)]
-        self.convs += [Conv(f"d{i:02d}", w.dm_with(p), p) for i, p in enumerate(self.people)]
+        self.convs = self.make_conversations()
+
+    def make_conversations(self) -> list[Conv]:
+        """The channels people talk in (made after the people, so that new servers count them as members)."""
+        w = self.world
+        convs = [Conv(f"c{i:02d}", w.add_text_channel(f"soak-{i:02d}")) for i in range(CHANNELS)]
+        return convs + [Conv(f"d{i:02d}", w.dm_with(p), p) for i, p in enumerate(self.people)]
+
+    def is_online(self, conv: Conv) -> bool:
+        """Whether a bot session receives what is said in `conv` now."""
+        return self.online
 
     # ----- the bot ------------------------------------------------------------------------------
 
@@ -179,7 +192,7 @@ class Soak:
         text = f"{conv.marker} n{self.serial:05d} " + " ".join(words[: self.rng.randint(2, len(words))])
         author = conv.person or self.rng.choice(self.people)
         content = text if conv.person else f"{self.world.bot_user.mention} {text}"
-        delivered = self.online
+        delivered = self.is_online(conv)
         message = await self.fake.send(author, conv.channel, content)
         attempt = Attempt(message["id"], conv, text, time.monotonic(), delivered, resend_of.id if resend_of else None)
         self.attempts[attempt.id] = attempt
@@ -204,7 +217,10 @@ class Soak:
     # ----- watching -----------------------------------------------------------------------------
 
     def index(self) -> None:
-        """Take in the bot's new posts (cheap: called after every event while waiting)."""
+        """Take in the bot's new posts and edits (cheap: called after every event while waiting).
+
+        A streamed reply is posted with its first words and edited as it grows: its edits update it.
+        """
         posts = self.fake.bot_messages
         while self._indexed < len(posts):
             posted = posts[self._indexed]
@@ -212,24 +228,33 @@ class Soak:
             ref = (posted.get("message_reference") or {}).get("message_id")
             attempt = self.attempts.get(ref) if ref else None
             small = {k: posted[k] for k in ("id", "channel_id", "content")}
+            self.replies_by_id[small["id"]] = small
             if attempt is None:
                 self.unreferenced.append(small)
                 continue
             attempt.replies.append(small)
             self.pending.discard(attempt.id)
+        edits = self.fake.bot_edits
+        while self._edits_indexed < len(edits):
+            edit = edits[self._edits_indexed]
+            self._edits_indexed += 1
+            if edit["id"] in self.replies_by_id:
+                self.replies_by_id[edit["id"]]["content"] = edit["content"]
 
     def compact(self) -> None:
         """Drop the fake's bookkeeping once it has been read, so RSS measures the bot, not the fake.
 
         Completed REST calls are checked (status, allowed_mentions) and timed, then dropped; the
-        bot's posts are indexed, then dropped; answered messages leave the channels (nothing will
-        reference them again); the gateway session's replay log keeps its last 500 events (a RESUME
-        replays only the few the bot missed).
+        bot's posts and edits are indexed, then dropped; answered messages leave the channels
+        (nothing will reference them again), and so do the bot's own after a minute (a streamed reply
+        is edited until it is finished); each gateway session's replay log keeps its last 500 events
+        (a RESUME replays only the few the bot missed).
         """
         fake = self.fake
         self.index()
         del fake.bot_messages[: self._indexed]
-        self._indexed = 0
+        del fake.bot_edits[: self._edits_indexed]
+        self._indexed = self._edits_indexed = 0
         keep = []
         for call in fake.calls:
             if call.status == 0:
@@ -246,13 +271,14 @@ class Soak:
         fake.calls[:] = keep
         fake.gateway_log.clear()
         fake.heartbeats.clear()
+        recent = time.monotonic() - 60
         for conv in self.convs:
             messages = conv.channel.messages
-            for mid in [m for m in messages if str(m) not in self.pending]:
+            for mid in [m for m in messages if str(m) not in self.pending and self.post_time.get(str(m), 0) < recent]:
                 del messages[mid]
-        session = fake._session
-        if session is not None and len(session.log) > 500:
-            del session.log[:-500]
+        for session in fake._sessions.values():
+            if len(session.log) > 500:
+                del session.log[:-500]
 
     async def wait_answers(self, at_most: int = 0, timeout: float = 120.0) -> None:
         def settled() -> bool:
@@ -376,7 +402,7 @@ class Soak:
             self.post_time[a.replies[0]["id"]] - a.sent_at for a in answered if a.replies[0]["id"] in self.post_time
         )
 
-        problems = [f"error log {e}" for e in self.watch.errors]
+        problems = [f"error log {e}" for e in self.error_logs()]
         problems += self.rest_problems
         problems += [f"resent message {a.id} still unanswered" for a in unresolved]
 
@@ -388,7 +414,7 @@ class Soak:
         warm, end = self.rss[0][1], self.rss[-1][1]
         print()
         print("=" * 72)
-        print(f"soak: {len(self.order)} messages in {self.elapsed:.0f}s over {CHANNELS} channels and {PEOPLE} DMs")
+        print(f"soak: {len(self.order)} messages in {self.elapsed:.0f}s {self.topology()}")
         print(f"  sent                    {len(self.order)}")
         print(f"  delivered to the bot    {len(delivered)}")
         print(f"  not delivered (offline) {len(undelivered)}  (bot down; sent again once it was back)")
@@ -405,15 +431,14 @@ class Soak:
             f"  restart                 {self.restart_in_flight} in flight at SIGTERM, "
             f"{self.restart_in_flight_unanswered} of them not yet answered then"
         )
+        for line in self.more_report():
+            print(f"  {line}")
         print(
             f"  latency (send to post)  p50 {pct(0.50) * 1000:.0f} ms, p95 {pct(0.95) * 1000:.0f} ms, "
             f"max {latencies[-1] * 1000 if latencies else float('nan'):.0f} ms"
         )
         print("  RSS                     " + ", ".join(f"{k}: {v / mb:.0f} MiB" for k, v in rss.items()))
-        print(
-            f"  RSS growth              {(end - warm) / mb:+.1f} MiB from warm to end (the fake's records dropped "
-            f"as read; includes a second model load)"
-        )
+        print(f"  RSS growth              {(end - warm) / mb:+.1f} MiB from warm to end ({self.rss_note})")
         print(f"  LOST                    {len(lost)}")
         print(f"  DUPLICATED              {len(duplicated)}")
         print(f"  CROSSED                 {len(crossed)}")
@@ -433,39 +458,63 @@ class Soak:
         print("=" * 72)
         return passed
 
+    rss_note = "the fake's records dropped as read; includes a second model load"
+
+    def topology(self) -> str:
+        return f"over {CHANNELS} channels and {PEOPLE} DMs"
+
+    def more_report(self) -> list[str]:
+        """Lines of the summary that only some topologies have."""
+        return []
+
+    def error_logs(self) -> list[str]:
+        return self.watch.errors
+
+    def stored_turns(self) -> dict[str, list[tuple[str, str]]]:
+        """Each conversation's stored (role, text) turns, oldest first, by marker."""
+        with sqlite3.connect(self.settings.history_db) as db:
+            return {
+                conv.marker: db.execute(
+                    "SELECT role, text FROM turns WHERE channel_id = ? ORDER BY id", (conv.channel.id,)
+                ).fetchall()
+                for conv in self.convs
+            }
+
     def check_history(self) -> list[str]:
         """Each conversation's stored turns must be its own answered messages, in order, each with its answer."""
         found: list[str] = []
-        with sqlite3.connect(self.settings.history_db) as db:
-            for conv in self.convs:
-                rows = db.execute(
-                    "SELECT role, text FROM turns WHERE channel_id = ? ORDER BY id", (conv.channel.id,)
-                ).fetchall()
-                expected: list[tuple[str, str]] = []
-                for a in self.order:
-                    if a.conv is conv and a.replies and a.replies[0]["content"] not in NOT_STORED:
-                        expected += [("user", a.text), ("bot", a.replies[0]["content"])]
-                if rows != expected:
-                    strays = [t for r, t in rows if r == "user" and not t.startswith(conv.marker + " ")]
-                    diff = next((i for i, (r, e) in enumerate(zip(rows, expected, strict=False)) if r != e), None)
-                    first = (
-                        f"; first difference at turn {diff}: stored {rows[diff]!r}, expected {expected[diff]!r}"
-                        if diff is not None
-                        else ""
-                    )
-                    found.append(
-                        f"history of {conv.marker}: {len(rows)} turns stored, {len(expected)} expected, "
-                        f"{len(strays)} from other conversations{first}"
-                    )
+        stored = self.stored_turns()
+        for conv in self.convs:
+            rows = stored[conv.marker]
+            expected: list[tuple[str, str]] = []
+            for a in self.order:
+                if a.conv is conv and a.replies and a.replies[0]["content"] not in NOT_STORED:
+                    expected += [("user", a.text), ("bot", a.replies[0]["content"])]
+            if rows != expected:
+                strays = [t for r, t in rows if r == "user" and not t.startswith(conv.marker + " ")]
+                diff = next((i for i, (r, e) in enumerate(zip(rows, expected, strict=False)) if r != e), None)
+                first = (
+                    f"; first difference at turn {diff}: stored {rows[diff]!r}, expected {expected[diff]!r}"
+                    if diff is not None
+                    else ""
+                )
+                found.append(
+                    f"history of {conv.marker}: {len(rows)} turns stored, {len(expected)} expected, "
+                    f"{len(strays)} from other conversations{first}"
+                )
         return found
 
 
-async def main(total: int, seed: int) -> int:
+async def main(total: int, seed: int, topology: str = "single") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bot").setLevel(logging.INFO)
     logging.getLogger("discord.client").setLevel(logging.ERROR)  # "PyNaCl is not installed", each start
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if topology == "scaled":
+        from tests.soak_scaled import run_scaled
+
+        return await run_scaled(total, seed)
     import torch
 
     torch.set_num_threads(1)  # steady on small machines; the event loop needs a core too
@@ -491,5 +540,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=2000, help="user messages to send (default 2000)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--topology",
+        choices=("single", "scaled"),
+        default="single",
+        help="single: one bot in this process on SQLite (default); scaled: two sharded bot processes, "
+        "PostgreSQL and the Ray Serve app with 2 replicas",
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.messages, args.seed)))
+    sys.exit(asyncio.run(main(args.messages, args.seed, args.topology)))

@@ -22,7 +22,7 @@ from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTime
 from bot.remote import RemoteConfig, RemoteEngine
 from bot.types import Turn
 from tests.conftest import engine_config
-from tests.serve_app import ServeApp
+from tests.serve_app import ServeApp, replica_processes
 
 SYSTEM = "You are the test bot."
 HISTORY = [Turn("user", "hello there", "Alice"), Turn("bot", "hi"), Turn("user", "what do you like", "Bob")]
@@ -56,6 +56,10 @@ async def post(serve_app: ServeApp, body: Any) -> tuple[int, Any]:
 async def test_health_and_models(serve_app: ServeApp, client: openai.AsyncOpenAI) -> None:
     async with aiohttp.ClientSession() as session, session.get(serve_app.url + "/health") as response:
         assert response.status == 200
+        health = await response.json()
+    assert health["status"] == "ok" and health["model"] == serve_app.model
+    assert health["pid"] in {p.pid for p in replica_processes(serve_app.pid)}
+    assert health["torch_threads"] >= 1
     models = await client.models.list()
     assert [model.id for model in models.data] == [serve_app.model]
 
