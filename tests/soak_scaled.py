@@ -16,7 +16,8 @@ In the middle:
     killed replica, or sent to it before Ray noticed, fail, and their people get the bot's error
     notice. Like every notice that asks to try again, those messages are sent again once the burst
     is answered. The error logs the bot writes for them ("the engine failed to answer") are expected
-    then, and only then: one per error notice at most.
+    then, and only then (from the kill until 30 s after the new replica runs), one per error notice
+    at most; any other error line of either bot fails the soak.
   * the process running shard 0 (DMs and two servers) is restarted: SIGTERM with a burst in flight
     (SHUTDOWN_GRACE_SECONDS=0, so its replies are abandoned and their people told), then a new
     process on the same shard. What is said on shard 0 meanwhile is never delivered (Discord does
@@ -56,7 +57,8 @@ SHARDS = 2
 SERVERS_PER_SHARD, CHANNELS_PER_SERVER = 2, 5
 RESTARTED_SHARD = 0  # it also gets the DMs
 ENGINE_FAILED = "the engine failed to answer"
-_ERROR_LINE = re.compile(r"^\[[^]]+\] \[(ERROR|CRITICAL)\s*\] (.*)$")
+_ERROR_LINE = re.compile(r"^\[([^]]+)\] \[(ERROR|CRITICAL)\s*\] (.*)$")  # the bot's plain log format
+KILL_WINDOW_S = 30  # after the new replica runs, failures of requests sent before it are still the kill's
 
 log = logging.getLogger("soak")
 
@@ -77,7 +79,8 @@ class ScaledSoak(Soak):
         self.starts = 0
         self.shard_online = dict.fromkeys(range(SHARDS), False)
         self.resent_notices: set[str] = set()
-        self.killed_replica: tuple[int, float] | None = None  # pid, when
+        self.killed_replica: tuple[int, float] | None = None  # pid, when (monotonic)
+        self.killed_at = 0.0  # when, as wall-clock time (the bots' logs have that)
         self.replica_back_after: float | None = None
         self.rss_note = "sum over the two bot processes; the model runs in the Serve app"
 
@@ -161,6 +164,7 @@ class ScaledSoak(Soak):
         victim = self.rng.choice(replicas)
         victim.kill()
         self.killed_replica = (victim.pid, time.monotonic())
+        self.killed_at = time.time()
 
     async def wait_replica_back(self) -> None:
         """Until Ray Serve has a second replica running again (a new process), or 5 minutes."""
@@ -288,23 +292,31 @@ class ScaledSoak(Soak):
     def bot_logs(self) -> list[str]:
         return [bot.stderr for bot in [*self.retired, *self.bots.values()]]
 
-    def logged_errors(self) -> list[str]:
-        return [m.group(2) for text in self.bot_logs() for line in text.splitlines() if (m := _ERROR_LINE.match(line))]
+    def logged_errors(self) -> list[tuple[float, str]]:
+        """(when, what) of every error line in the bots' logs."""
+        found = []
+        for text in self.bot_logs():
+            for line in text.splitlines():
+                if m := _ERROR_LINE.match(line):
+                    found.append((time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")), m.group(3)))
+        return found
 
     def engine_failures(self) -> list[str]:
-        return [e for e in self.logged_errors() if ENGINE_FAILED in e]
+        return [e for _, e in self.logged_errors() if ENGINE_FAILED in e]
 
     def error_logs(self) -> list[str]:
-        """Every error line of the bots, but for engine failures after the replica kill, as many as the
-        error notices posted (each failure is one person told to try again)."""
+        """Every error line of the bots but engine failures while the replica was down (from the kill until
+        KILL_WINDOW_S after its replacement ran), if no more of them than people told of an error."""
         from bot.chat import ERROR_TEXT
 
         errors = self.logged_errors()
-        failures = self.engine_failures()
-        told = sum(1 for a in self.order if a.replies and a.replies[0]["content"] == ERROR_TEXT)
-        if self.killed_replica is not None and len(failures) <= told:
-            errors = [e for e in errors if ENGINE_FAILED not in e]
-        return errors + [f"(in this process) {e}" for e in self.watch.errors]
+        if self.killed_replica is not None:
+            end = self.killed_at + (self.replica_back_after or 0.0) + KILL_WINDOW_S
+            expected = [e for when, e in errors if ENGINE_FAILED in e and self.killed_at - 1 <= when <= end]
+            told = sum(1 for a in self.order if a.replies and a.replies[0]["content"] == ERROR_TEXT)
+            if len(expected) <= told:
+                errors = [(w, e) for w, e in errors if not (ENGINE_FAILED in e and self.killed_at - 1 <= w <= end)]
+        return [e for _, e in errors] + [f"(in this process) {e}" for e in self.watch.errors]
 
     def stored_turns(self) -> dict[str, list[tuple[str, str]]]:
         with psycopg.connect(self.history_url) as db:
