@@ -33,12 +33,13 @@ class ServeApp:
     url: str  # ENGINE_URL for the bot: no /v1
     model: str  # the id it serves: MODEL_NAME
     log: Path
+    metrics_url: str  # its METRICS_PORT: /metrics, /ready, /health
 
 
 @pytest.fixture(scope="session")
 def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     workdir = tmp_path_factory.mktemp("serve")  # its working folder: no .env of the developer's is read
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -50,6 +51,7 @@ def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         "MAX_QUEUE": "1",
         "SERVE_HOST": "127.0.0.1",
         "SERVE_PORT": str(port),
+        "METRICS_PORT": str(metrics_port),
         "LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -62,7 +64,7 @@ def serve_app(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log)
-        yield ServeApp(url, str(tiny_chat_model_dir), log)
+        yield ServeApp(url, str(tiny_chat_model_dir), log, f"http://127.0.0.1:{metrics_port}")
     finally:
         _stop(process)
     output = log.read_text(errors="replace")
