@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help run console test lint bench soak clean
+.PHONY: help run console test lint bench bench-models soak clean
 
 help:  ## list these targets
 	@echo "make TARGET, where TARGET is one of:"
@@ -43,6 +43,9 @@ lint: $(STAMP)  ## ruff (lint rules and formatting) and mypy; every check runs, 
 bench: $(STAMP)  ## speed and memory benchmark on a full-size random BlenderBot-400M (several minutes)
 	$(PY) -m pip install --quiet --disable-pip-version-check "matplotlib>=3.8"  # the chart only
 	$(PY) -m bench
+
+bench-models: $(STAMP)  ## the README's model-choice table: four models' memory and reply speed (about 15 minutes)
+	$(PY) -m bench.choose_model
 
 soak: $(STAMP)  ## long run through the fake Discord (not part of CI)
 	$(PY) -m tests.soak
