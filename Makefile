@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed-requirements
 SERVE_STAMP := $(VENV)/.installed-serve-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help run console serve test lint bench soak clean
+.PHONY: help run console serve test lint bench bench-models soak clean
 
 help:  ## list these targets
 	@echo "make TARGET, where TARGET is one of:"
-	@awk 'BEGIN { FS = ":.*##[ ]*" } /^[a-z][a-z-]*:.*##/ { printf "  %-9s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	@awk 'BEGIN { FS = ":.*##[ ]*" } /^[a-z][a-z-]*:.*##/ { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,12 +50,15 @@ lint: $(SERVE_STAMP)  ## ruff (lint rules and formatting) and mypy; every check 
 	$(VENV)/bin/mypy || status=1; \
 	exit $$status
 
-bench: $(STAMP)  ## speed and memory benchmark on a full-size random BlenderBot-400M (several minutes)
+bench: $(STAMP)  ## speed and memory: engine vs naive, full-size random BlenderBot and Qwen2.5 (about 12 min)
 	$(PY) -m pip install --quiet --disable-pip-version-check "matplotlib>=3.8"  # the chart only
 	$(PY) -m bench
+
+bench-models: $(STAMP)  ## memory and reply speed of four models, for choosing one (about 17 min)
+	$(PY) -m bench.choose_model
 
 soak: $(STAMP)  ## long run through the fake Discord (not part of CI)
 	$(PY) -m tests.soak
 
-clean:  ## delete .venv, the tools' caches and the bench's model (bench/.cache, about 1.5 GB)
+clean:  ## delete .venv, the tools' caches and the bench's models (bench/.cache, up to 7.3 GB)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/.cache
