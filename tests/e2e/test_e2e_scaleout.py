@@ -97,7 +97,7 @@ async def topology(
         serve = ServeProcess(tiny_chat_model_dir, root / "serve", SERVE_REPLICAS="2")
         stack.push_async_callback(stop_serve, serve)
         starting = asyncio.ensure_future(asyncio.to_thread(serve.start))  # Ray takes a while: start the bots meanwhile
-        stack.push_async_callback(asyncio.gather, starting, return_exceptions=True)  # stopped once started
+        stack.push_async_callback(settle, starting)  # stopped once started
         relay = Relay(serve.port)
         await relay.start()
         stack.push_async_callback(relay.stop)
@@ -127,6 +127,11 @@ async def topology(
         store = await open_store(db_url, max_turns=20)
         stack.push_async_callback(store.close)
         yield Topology(fake, bots, metrics, serve, relay, store, places)
+
+
+async def settle(task: asyncio.Future[None]) -> None:
+    """Wait for `task` to end, however it ends (its error, if any, is reported where it is awaited)."""
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def stop_bots(bots: dict[int, BotProcess]) -> None:
