@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_
         replicas = settings.serve_replicas
         try:
             serve.run(
-                build_app(settings, replicas=replicas, num_cpus=max(1, cpus // replicas)),
+                build_app(settings, replicas=replicas, num_cpus=cpus / replicas),  # a share: never unschedulable
                 name=APP_NAME,
                 route_prefix="/",
             )
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+            metrics_server.server_close()
         try:
             serve.shutdown()
         finally:
