@@ -137,40 +137,72 @@ def _write_blenderbot(folder: Path, config_dict: dict[str, Any], gen_dict: dict[
 
 CHAT_SPEC_DIR = BENCH_DIR / "models" / "qwen2.5-0.5b-instruct"
 CHAT_MODEL_DIR = CACHE_DIR / "qwen2.5-0.5b-random"
-# The real model's chat format (ChatML); its tokenizer (151,646 tokens) is not in the repository, so
-# the bench trains a small one: the vocabulary size of the model itself, which sets the cost of the
-# embedding and output layers, comes from the spec.
+# The real models' chat format (ChatML, which Qwen2.5, Qwen3 and SmolLM2 all use); their tokenizers
+# (49,152 to 151,646 tokens) are not in the repository, so the bench trains a small one: the
+# vocabulary size of the model itself, which sets the cost of the embedding and output layers, comes
+# from the spec.
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+CHAT_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Per spec folder: which special token each of the real model's token ids is, so the spec's
+# bos/eos/pad ids can be mapped onto the bench's own small tokenizer.
+SPECIAL_IDS: dict[str, dict[int, str]] = {
+    "qwen2.5-0.5b-instruct": {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>"},
+    "qwen3-0.6b": {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>"},
+    "smollm2-360m-instruct": {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"},
+}
 
 
 def build_chat_model(out: Path = CHAT_MODEL_DIR, spec: Path = CHAT_SPEC_DIR) -> Path:
-    """The random full-size Qwen2.5-0.5B-Instruct (ChatML template, 8k-token BPE), unless already built."""
-    return _build_once(out, spec, _write_chat_model)
+    """A random full-size decoder-only chat model (ChatML template, 8k-token BPE), unless already built.
+
+    By default Qwen2.5-0.5B-Instruct; `spec` names another folder of bench/models/ listed in
+    `SPECIAL_IDS` (any Llama, Qwen2 or Qwen3 shape).
+    """
+    special = SPECIAL_IDS[spec.name]
+    return _build_once(out, spec, lambda folder, config, gen: _write_chat_model(folder, config, gen, special))
 
 
-def _write_chat_model(folder: Path, config_dict: dict[str, Any], gen_dict: dict[str, Any]) -> int:
+def _map_token_ids(values: dict[str, Any], real_to_here: dict[int, int]) -> dict[str, Any]:
+    """The `*_token_id` entries of a config, with the real model's ids replaced by the bench tokenizer's."""
+    mapped: dict[str, Any] = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = values.get(key)
+        if isinstance(value, list):
+            mapped[key] = [real_to_here[v] for v in value]
+        elif value is not None:
+            mapped[key] = real_to_here[value]
+    return mapped
+
+
+def _write_chat_model(
+    folder: Path, config_dict: dict[str, Any], gen_dict: dict[str, Any], special: dict[int, str]
+) -> int:
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(40000, seed=0), vocab_size=8000, min_frequency=2, special_tokens=special)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token=special[0])
+    bpe.train_from_iterator(_corpus(40000, seed=0), vocab_size=8000, min_frequency=2, special_tokens=CHAT_SPECIAL)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token=CHAT_SPECIAL[0]
+    )
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(str(folder))
-    token_ids: list[int] = tokenizer.convert_tokens_to_ids(special)  # type: ignore[assignment]  # a list in, a list out
-    ids = dict(zip(special, token_ids, strict=True))
-    end, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
+    token_ids: list[int] = tokenizer.convert_tokens_to_ids(CHAT_SPECIAL)  # type: ignore[assignment]  # a list in, a list out
+    here = dict(zip(CHAT_SPECIAL, token_ids, strict=True))
+    real_to_here = {real: here[name] for real, name in special.items()}
+    values = {k: v for k, v in config_dict.items() if k != "model_type"} | _map_token_ids(config_dict, real_to_here)
+    config = AutoConfig.for_model(config_dict["model_type"], **values)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**config_dict | {"bos_token_id": end, "eos_token_id": im_end})).eval()
-    ids_here = {"bos_token_id": end, "pad_token_id": end, "eos_token_id": [im_end, end]}
-    model.generation_config = GenerationConfig(**gen_dict | ids_here)
+    # fp32 like BlenderBot's build (from_config would take the spec's bfloat16), so the bench's
+    # loading measurements do not depend on which model they load.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config = GenerationConfig(**gen_dict | _map_token_ids(gen_dict, real_to_here))
     model.save_pretrained(str(folder))
     return sum(p.numel() for p in model.parameters())
 

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import bandwidth, memory, openloop, workload
+from bench import bandwidth, continuous, memory, openloop, workload
 from bot.types import Turn
 
 REPLY = 60  # tokens of the timed replies
 SPACING_S = 0.25
+SYSTEM_PROMPT = "You are a friendly bot in a Discord server."
 
 
 def engine_config(model_dir: Path, tokens: int) -> Any:
@@ -28,7 +29,7 @@ def engine_config(model_dir: Path, tokens: int) -> Any:
         min_new_tokens=tokens,
         max_new_tokens=tokens,
         sampling=False,
-        system_prompt="You are a friendly bot in a Discord server.",
+        system_prompt=SYSTEM_PROMPT,
         max_queue=256,
     )
 
@@ -109,6 +110,8 @@ def run(model_dir: Path, bandwidth_gbs: float, log: Any) -> dict[str, Any]:
     measure_naive(model_dir, out)
     log(f"chat naive: {out['naive']['single_60_s']:.2f}s for a {REPLY}-token reply")
     out["serving"] = memory.measure_load(model_dir, "chat_serve_16")
+    out["continuous_batching"] = continuous.compare(model_dir, REPLY, SYSTEM_PROMPT)
+    log("\n".join(continuous.summary(out["continuous_batching"])).strip())
     eng, naive = out["engine"], out["naive"]
     weights = bandwidth.causal_bytes_per_token(config, 1)
     floor_ms = weights / (bandwidth_gbs * 1e9) * 1000
@@ -152,6 +155,7 @@ def summary(out: dict[str, Any]) -> list[str]:
         f"  greedy decoding: {step:.1f} ms per token (floor {floor:.1f})",
         f"  memory: steady {steady:.0f} MB, serving 16 conversations {peak:.0f} MB",
     ]
+    lines += continuous.summary(out["continuous_batching"])
     for name, value, goal in out["goals"]:
         lines.append(f"  goal: {name}: {'n/a' if value is None else f'{value:.2f}'} (goal {goal})")
     return lines

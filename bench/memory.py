@@ -56,8 +56,8 @@ def _child(model_dir: str, mode: str) -> None:
         from bot.types import Turn
 
         # serve_16x10x60: BlenderBot answers 16 conversations at once, 10 beams, 60 tokens;
-        # chat_serve_16: a chat model answers 16 conversations at once, greedy, 60 tokens.
-        serving = mode in ("serve_16x10x60", "chat_serve_16")
+        # chat_serve_16 (a chat model) and greedy_serve_16 (either family): 16 at once, greedy, 60 tokens.
+        serving = mode in ("serve_16x10x60", "chat_serve_16", "greedy_serve_16")
         beams, tokens = (10 if mode == "serve_16x10x60" else 1, 60) if serving else (1, 5)
 
         async def run() -> None:
@@ -70,13 +70,16 @@ def _child(model_dir: str, mode: str) -> None:
                     min_new_tokens=tokens,
                     max_new_tokens=tokens,
                     sampling=False,
+                    generation_timeout_seconds=600,  # a slow or busy machine measures, rather than times out
                 )
             )
             await engine.start()
             result["load_prepare_s"] = time.monotonic() - started
             result["peak_rss_load_prepare_mb"] = proc_status_mb().get("VmHWM")
             result["rss_after_load_mb"] = proc_status_mb().get("VmRSS")
+            reset_peak()  # the peak while answering one conversation alone, after the load's own peak
             await engine.reply([Turn("user", "hello there, how are you today?")])
+            result["peak_rss_one_reply_mb"] = proc_status_mb().get("VmHWM")
             status = proc_status_mb()
             result["steady_rss_mb"] = status.get("VmRSS")
             result["rss_anon_mb"] = status.get("RssAnon")

@@ -1,4 +1,4 @@
-"""The benchmark run: naive baseline vs the product's Engine, one process, under 10 minutes on 2 cores."""
+"""The benchmark run: naive baseline vs the product's Engine, one process, about 15 minutes on 2 cores."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from bot.engine_api import EngineBusy, EngineClosed, GenerationTimeout, ReplyEngine
+from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout, ReplyEngine
 from bot.history import HistoryError, HistoryStore
 from bot.metrics import Metrics
 from bot.types import Conversation, Reply, Turn
@@ -101,7 +101,10 @@ class ChatService:
                     return Reply(TIMEOUT_TEXT, ok=False, kind="timeout")
                 except EngineClosed:
                     return Reply(CLOSING_TEXT, ok=False, kind="closing")
-                except Exception:
+                except EngineError as exc:  # the engine has logged the details (or they are all here)
+                    log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
+                    return Reply(ERROR_TEXT, ok=False)
+                except Exception:  # a bug: the traceback is what a developer needs
                     log.exception("the engine failed to answer in channel %s", conversation.channel_id)
                     return Reply(ERROR_TEXT, ok=False)
                 if not answer.strip():

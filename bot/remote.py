@@ -118,7 +118,7 @@ class RemoteEngine:
         )
         self._started_at = time.monotonic()
         try:
-            model = await asyncio.wait_for(self._find_model(), PROBE_TIMEOUT_SECONDS)
+            model = await asyncio.wait_for(self._find_model(probe=True), PROBE_TIMEOUT_SECONDS)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             raise EngineError(f"the engine at {self.config.url} refused ENGINE_API_KEY ({_reason(exc)})") from None
         except (openai.OpenAIError, asyncio.TimeoutError) as exc:
@@ -246,17 +246,29 @@ class RemoteEngine:
                     on_partial(text.rstrip())
         return strip_think(written), tokens
 
-    async def _find_model(self) -> str:
-        """ENGINE_MODEL, else the first model the server lists, else MODEL_NAME."""
+    async def _find_model(self, *, probe: bool = False) -> str:
+        """ENGINE_MODEL, else the first model the server lists, else MODEL_NAME.
+
+        `probe` (at start) asks the server even when ENGINE_MODEL names the model, so a refused key or
+        a server that is down shows in the log at once rather than at the first reply.
+        """
         assert self._client is not None
-        if self._model:
+        if self._model and not probe:
             return self._model
         try:
             page = await self._client.models.list()
             ids = [model.id for model in page.data]
         except openai.NotFoundError:  # a server without /v1/models
             ids = []
-        self._model = ids[0] if ids else self.config.fallback_model
+        if not self._model:
+            self._model = ids[0] if ids else self.config.fallback_model
+        elif ids and self._model not in ids:
+            log.warning(
+                "the engine at %s does not list ENGINE_MODEL %s (it lists %s); asking for it anyway",
+                self.config.url,
+                self._model,
+                ", ".join(ids[:5]),
+            )
         return self._model
 
     def stats(self) -> EngineStats:

@@ -44,6 +44,16 @@ from ray.serve import Application
 
 from bot.engine import Engine, EngineConfig
 from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.serve_metrics import (
+    BOARD_NAME,
+    BOARD_NAMESPACE,
+    REPORT_INTERVAL_S,
+    MetricsBoard,
+    ReplicaCounters,
+    find_board,
+    reply_kind,
+    serve_board_metrics,
+)
 from bot.types import Turn
 from config.settings import SETTING_KEYS, Settings, SettingsError, load_settings
 
@@ -158,7 +168,30 @@ class ChatEngine:
         self.created = int(time.time())
         self.engine = Engine(EngineConfig.from_settings(settings))
         await self.engine.start()
+        self.counters = ReplicaCounters()
+        self._reporting = asyncio.create_task(self._report_forever(find_board()))
         log.info("serving %s", self.model)
+
+    async def _report_forever(self, board: Any | None) -> None:
+        """Send this replica's numbers to the metrics board (when `python -m bot.serve` made one)."""
+        if board is None:
+            return
+        context = serve.get_replica_context()
+        replica = getattr(getattr(context, "replica_id", None), "unique_id", None) or str(os.getpid())
+        while True:
+            board.report.remote(self.counters.report(replica, self.engine.stats()))
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _generate(self, prompt: list[int], on_partial: Callable[[str], None] | None = None) -> str:
+        """The engine's reply, counted by how it ended (as the bot's metrics count replies)."""
+        started = time.monotonic()
+        try:
+            text = await self.engine.generate(prompt, on_partial)
+        except EngineError as exc:
+            self.counters.count(reply_kind(exc), time.monotonic() - started)
+            raise
+        self.counters.count(reply_kind(None, text), time.monotonic() - started)
+        return text
 
     async def check_health(self) -> None:
         """Ray Serve's health check: a closed engine gets its replica replaced."""
@@ -166,6 +199,7 @@ class ChatEngine:
             raise RuntimeError("the engine is closed")
 
     async def __del__(self) -> None:  # Ray Serve awaits this when it stops the replica
+        self._reporting.cancel()
         await self.engine.close()
 
     @app.get("/health")
@@ -209,7 +243,7 @@ class ChatEngine:
         if stream:
             return await self._stream(prompt, usage_wanted)
         try:
-            text = await self.engine.generate(prompt)
+            text = await self._generate(prompt)
         except EngineError as exc:
             return error_response(*engine_error(exc))
         return JSONResponse(
@@ -242,7 +276,7 @@ class ChatEngine:
             partials.put_nowait(text)
             writing.set()
 
-        reply = asyncio.ensure_future(self.engine.generate(prompt, on_partial))
+        reply = asyncio.ensure_future(self._generate(prompt, on_partial))
         waiting = asyncio.ensure_future(writing.wait())
         try:
             await asyncio.wait({reply, waiting}, return_when=asyncio.FIRST_COMPLETED)
@@ -357,17 +391,33 @@ def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_
             file=sys.stderr,
         )
         return 1
+    if settings.metrics_port is not None:
+        problem = port_problem(settings.metrics_host, settings.metrics_port)
+        if problem:
+            print(
+                f"Configuration error: METRICS_PORT {settings.metrics_port} on {settings.metrics_host}: {problem}",
+                file=sys.stderr,
+            )
+            return 2
     logging.basicConfig(level=settings.log_level, format="[%(asctime)s] [%(levelname)-8s] %(name)s: %(message)s")
     import ray
 
     cpus = os.cpu_count() or 1
     ray.init(include_dashboard=False, num_cpus=cpus, logging_level=logging.WARNING, log_to_driver=True)
+    metrics_server = None
     try:
+        if settings.metrics_port is not None:  # replicas find the board by name when they start
+            board = MetricsBoard.options(name=BOARD_NAME, namespace=BOARD_NAMESPACE).remote()  # type: ignore[attr-defined]
+            metrics_server = serve_board_metrics(board, settings.metrics_host, settings.metrics_port)
+            print(
+                f"Metrics at http://{settings.metrics_host}:{settings.metrics_port}/metrics (readiness: /ready)",
+                flush=True,
+            )
         serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port})
         replicas = settings.serve_replicas
         try:
             serve.run(
-                build_app(settings, replicas=replicas, num_cpus=max(1, cpus // replicas)),
+                build_app(settings, replicas=replicas, num_cpus=cpus / replicas),  # a share: never unschedulable
                 name=APP_NAME,
                 route_prefix="/",
             )
@@ -379,6 +429,9 @@ def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_
         until()
         print("Stopping the model server.", flush=True)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         try:
             serve.shutdown()
         finally:

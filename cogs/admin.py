@@ -49,18 +49,19 @@ class Admin(commands.Cog):
             server_permissions = getattr(interaction.user, "guild_permissions", None)
             if server_permissions is None or not server_permissions.manage_messages:
                 raise app_commands.MissingPermissions(["manage_messages"])
+            # Discord drops an interaction not answered within 3 s, and the database may take longer.
+            await interaction.response.defer(ephemeral=True, thinking=True)
             removed = await self.bot.chat.reset_guild(interaction.guild_id)
             log.info("history of guild %s reset by %s (%d turns)", interaction.guild_id, interaction.user.id, removed)
-            await interaction.response.send_message(
+            await interaction.followup.send(
                 f"Done: I've forgotten every conversation in this server ({removed} messages).", ephemeral=True
             )
             return
         assert interaction.channel_id is not None
+        await interaction.response.defer(ephemeral=True, thinking=True)
         removed = await self.bot.chat.reset(Conversation(interaction.channel_id, interaction.guild_id))
         log.info("history of channel %s reset by %s (%d turns)", interaction.channel_id, interaction.user.id, removed)
-        await interaction.response.send_message(
-            f"Done: I've forgotten this conversation ({removed} messages).", ephemeral=True
-        )
+        await interaction.followup.send(f"Done: I've forgotten this conversation ({removed} messages).", ephemeral=True)
 
 
 async def setup(bot: ChatBot) -> None:

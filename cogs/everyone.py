@@ -56,9 +56,10 @@ class Everyone(commands.Cog):
     @app_commands.command(name="forget-me", description="Delete everything you have said to me, in every channel.")
     @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=False)
     async def forget_me(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # the database may take over 3 s
         removed = await self.bot.chat.forget_user(interaction.user.id)
         log.info("forgot user %s (%d turns)", interaction.user.id, removed)
-        await interaction.response.send_message(
+        await interaction.followup.send(
             f"Done: I've deleted {removed} stored messages of our conversations, everywhere.", ephemeral=True
         )
 

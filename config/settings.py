@@ -134,19 +134,27 @@ def _bool(key: str, raw: str) -> bool:
     raise SettingsError(f"{key} must be true or false, got {raw!r}")
 
 
+# A URL scheme (RFC 3986): `postgresql+psycopg` is one too, and must not be taken for a file name.
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def _history_db(key: str, raw: str) -> Path | str:
     """A file path (SQLite), or a `postgresql://` / `postgres://` URL checked for shape here; whether the
     server answers is found out when the bot opens it. Messages never repeat the URL (it may hold a password)."""
-    scheme, sep, _ = raw.partition("://")
-    if not sep or not scheme.isalpha():
+    scheme, sep, rest = raw.partition("://")
+    if not sep or not _URL_SCHEME.fullmatch(scheme):
         return Path(raw)
     if scheme.lower() not in ("postgresql", "postgres"):
         raise SettingsError(f"{key} must be a file path or a postgresql:// URL, got a {scheme}:// URL")
+    raw = scheme.lower() + sep + rest  # libpq takes the scheme in lower case only
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError as exc:
-        raise SettingsError(f"{key} is not a valid PostgreSQL URL: {exc}") from None
+    except ValueError:  # its message can quote part of the password
+        raise SettingsError(
+            f"{key} is not a valid PostgreSQL URL: its host and port cannot be read; percent-encode characters "
+            "such as / ? # @ : in the user name and password"
+        ) from None
     if any(ch.isspace() for ch in raw):
         raise SettingsError(f"{key} is not a valid PostgreSQL URL: it contains spaces (percent-encode them as %20)")
     if parts.fragment:
@@ -190,6 +198,8 @@ def _system_prompt(key: str, raw: str) -> str:
 
 def _url(key: str, raw: str) -> str:
     parts = urlsplit(raw)
+    if "@" in parts.netloc:  # checked first, so no message below repeats a password; the URL is logged
+        raise SettingsError(f"{key} must not carry a user name or password; put the key in ENGINE_API_KEY")
     if parts.scheme not in ("http", "https") or not parts.hostname or any(ch.isspace() for ch in raw):
         raise SettingsError(f"{key} must be an http:// or https:// URL such as http://127.0.0.1:8000, got {raw!r}")
     try:

@@ -321,14 +321,31 @@ async def test_shutting_down_says_so(bot: FakeBot, scripted_engine: ScriptedEngi
 
 
 class FakeResponse:
+    """An interaction's response; `sent` also gets what follow-ups send after a deferral."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bool]] = []
+        self.deferred: bool | None = None  # None: not deferred; else whether ephemeral
 
     def is_done(self) -> bool:
-        return bool(self.sent)
+        return bool(self.sent) or self.deferred is not None
 
     async def send_message(self, text: str, *, ephemeral: bool = False) -> None:
+        assert not self.is_done(), "an interaction is answered once"
         self.sent.append((text, ephemeral))
+
+    async def defer(self, *, ephemeral: bool = False, thinking: bool = False) -> None:
+        assert not self.is_done(), "an interaction is answered once"
+        self.deferred = ephemeral
+
+
+class FakeFollowup:
+    def __init__(self, response: FakeResponse) -> None:
+        self.response = response
+
+    async def send(self, text: str, *, ephemeral: bool = False) -> None:
+        assert self.response.is_done(), "a follow-up comes after the response"
+        self.response.sent.append((text, ephemeral))
 
 
 @dataclass(eq=False)
@@ -339,6 +356,10 @@ class FakeInteraction:
     user: FakeUser = field(default_factory=lambda: FakeUser(7))
     response: FakeResponse = field(default_factory=FakeResponse)
     command: Any = None
+
+    @property
+    def followup(self) -> FakeFollowup:
+        return FakeFollowup(self.response)
 
 
 def test_reset_permission_is_a_hint_and_a_check() -> None:

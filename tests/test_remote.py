@@ -166,6 +166,13 @@ async def test_a_refused_api_key_stops_the_start(fake: FakeOpenAI) -> None:
         assert await engine.reply([Turn("user", "hi")]) == "echo: hi"
 
 
+async def test_a_refused_key_stops_the_start_with_engine_model_set_too(fake: FakeOpenAI) -> None:
+    """ENGINE_MODEL names the model, yet the start still asks the server: a wrong key shows at once."""
+    fake.api_key_wanted = "right"
+    with pytest.raises(EngineError, match="refused ENGINE_API_KEY"):
+        await RemoteEngine(config(fake, api_key="wrong", model="chosen")).start()
+
+
 async def test_a_context_refusal_is_asked_again_with_the_newest_turns(remote: RemoteEngine, fake: FakeOpenAI) -> None:
     fake.mode, fake.max_messages = "context", 4  # the system message and three turns
     history = [Turn("user" if i % 2 == 0 else "bot", f"turn {i}") for i in range(11)]

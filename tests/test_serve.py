@@ -152,6 +152,42 @@ async def test_the_remote_engine_answers_as_the_local_one(serve_app: ServeApp, l
         assert remote.stats().model == serve_app.model and remote.stats().replies == 2
 
 
+async def scrape(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum over replicas of one sample in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def test_metrics_count_the_replicas_replies(serve_app: ServeApp, client: openai.AsyncOpenAI) -> None:
+    """METRICS_PORT on the driver: every replica's numbers, under the names a bot process uses."""
+    status, body = await scrape(serve_app.metrics_url + "/ready")
+    assert status == 200, body  # the replica reported in, so its model is loaded
+    _, before = await scrape(serve_app.metrics_url + "/metrics")
+    await client.chat.completions.create(model=serve_app.model, messages=MESSAGES)
+    for _ in range(50):  # replicas report once a second
+        _, after = await scrape(serve_app.metrics_url + "/metrics")
+        if sample(after, "chatbot_replies_total", kind="ok") > sample(before, "chatbot_replies_total", kind="ok"):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"the reply was never counted:\n{after}")
+    assert sample(after, "chatbot_serve_replicas") == 1
+    assert sample(after, "chatbot_reply_latency_seconds_count") >= 1
+    assert sample(after, "chatbot_queue_depth") == 0
+    assert (await scrape(serve_app.metrics_url + "/health"))[0] == 200
+
+
 def test_engine_errors_map_to_statuses() -> None:
     from bot.serve import engine_error
 

@@ -28,3 +28,27 @@ def test_unknown_or_bad_args_are_one_line_errors() -> None:
         app_builder({"MODEL": "x"})
     with pytest.raises(SettingsError, match=r"^PRECISION must be one of"):
         app_builder({"PRECISION": "int4"})
+
+
+def test_a_metrics_port_in_use_is_one_line_before_ray_starts(
+    tiny_chat_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from bot.serve import main
+    from tests.fake_openai import free_port
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        monkeypatch.chdir(tmp_path)  # no .env of the developer's
+        monkeypatch.setenv("MODEL_NAME", str(tiny_chat_model_dir))
+        monkeypatch.setenv("METRICS_PORT", str(port))
+        monkeypatch.setenv("SERVE_PORT", str(free_port()))
+
+        def never(*args: object, **kwargs: object) -> None:
+            raise AssertionError("Ray was started")
+
+        monkeypatch.setattr("ray.init", never)
+        assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"Configuration error: METRICS_PORT {port} on 127.0.0.1:") and "\n" not in err

@@ -70,6 +70,9 @@ def test_empty_values_mean_default() -> None:
         ("CONTEXT_TOKENS", "2k"),
         ("SAMPLING", "sometimes"),
         ("HISTORY_DB", "postgresql://bot:hunter2@db:port/chat"),
+        ("HISTORY_DB", "postgresql://bot:hunter2?x@db/chat"),  # the ? ends the host: "hunter2" reads as its port
+        ("HISTORY_DB", "postgresql+psycopg://bot:hunter2@db/chat"),
+        ("ENGINE_URL", "http://bot:hunter2@models.example:8000"),
         ("HISTORY_DB", "postgresql://bot:hunter2@db:99999/chat"),
         ("HISTORY_DB", "postgres://bot:hunter2@[::1/chat"),
         ("HISTORY_DB", "postgresql://bot:hunter2@db/chat/extra"),
@@ -108,6 +111,7 @@ def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
         ("postgresql://bot:pw@db.example:5432/chat", "postgresql://bot:pw@db.example:5432/chat"),
         ("postgres://db/chat?sslmode=require", "postgres://db/chat?sslmode=require"),
         ("postgresql:///chat?host=/run/postgresql", "postgresql:///chat?host=/run/postgresql"),
+        ("PostgreSQL://db/chat", "postgresql://db/chat"),
     ],
 )
 def test_history_db_is_a_path_or_a_postgresql_url(raw: str, parsed: Path | str) -> None:

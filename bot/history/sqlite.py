@@ -132,10 +132,10 @@ class SQLiteHistoryStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("COMMIT")
+        finally:
+            if self._db.in_transaction:  # the work or the COMMIT failed: never leave the connection inside it
+                self._db.execute("ROLLBACK")
 
     async def _run(self, work: Callable[[], T]) -> T:
         """Run `work` on the store's thread; an SQLite failure becomes `HistoryError`."""
@@ -240,11 +240,11 @@ def _connect(path: str) -> sqlite3.Connection:
     """The connection, set up for WAL; a path that cannot hold a database is `HistoryUnavailable`."""
     if path != ":memory:":
         target = Path(path)
-        if target.is_dir():
-            raise HistoryUnavailable(f"is a folder; name a file, such as {target / 'history.sqlite3'}")
         try:
+            if target.is_dir():
+                raise HistoryUnavailable(f"is a folder; name a file, such as {target / 'history.sqlite3'}")
             target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        except OSError as exc:  # e.g. a parent folder the bot may not read
             reason = f"{exc.strerror} ({exc.filename})" if exc.strerror else str(exc)
             raise HistoryUnavailable(f"cannot be created: {reason}") from exc
     try:

@@ -25,8 +25,10 @@ def conversation(channel) -> Conversation:  # type: ignore[no-untyped-def]
 
 async def ephemeral_text(fake: FakeDiscord, interaction) -> str:  # type: ignore[no-untyped-def]
     response = await fake.wait_response(interaction)
-    assert response["type"] == 4  # CHANNEL_MESSAGE_WITH_SOURCE
+    assert response["type"] in (4, 5)  # a message at once, or deferred ("thinking...") then a follow-up
     assert response["data"]["flags"] & EPHEMERAL, "the answer should be visible only to the user"
+    if response["type"] == 5:
+        assert interaction.response["data"]["flags"] & EPHEMERAL, "so should the deferral"
     return response["data"]["content"]
 
 

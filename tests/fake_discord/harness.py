@@ -85,9 +85,15 @@ class BotHarness:
             if edit["pings"] != {"users": [], "roles": [], "everyone": False}:
                 found.append(f"an edit could ping {edit['pings']}: {edit['content'][:60]!r}")
         for call in self.fake.calls_to("POST", r"/interactions/\d+/[^/]+/callback"):
+            if (call.json or {}).get("type") == 5:  # deferred ("thinking..."): no text; the follow-up has it
+                continue
             mentions = ((call.json or {}).get("data") or {}).get("allowed_mentions")
             if mentions is None or mentions.get("parse") != [] or mentions.get("replied_user"):
                 found.append(f"interaction answered with allowed_mentions={mentions!r}")
+        for call in self.fake.calls_to("POST", r"/webhooks/\d+/[^/]+"):  # interaction follow-ups
+            mentions = (call.json or {}).get("allowed_mentions")
+            if mentions is None or mentions.get("parse") != [] or mentions.get("replied_user"):
+                found.append(f"follow-up sent with allowed_mentions={mentions!r}")
         return found
 
 

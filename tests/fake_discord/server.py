@@ -298,12 +298,21 @@ class FakeDiscord:
         return found
 
     async def wait_response(self, interaction: Interaction, *, timeout: float = 15.0) -> dict[str, Any]:
-        """The bot's (first) callback to an interaction: `{"type": 4, "data": {...}}`."""
-        return await self.wait_for(
+        """What the user is shown: the bot's callback `{"type": 4, "data": {...}}`, or, when the bot
+        deferred (type 5, "thinking..."), `{"type": 5, "data": <its first follow-up>}` once that comes."""
+        response: dict[str, Any] = await self.wait_for(
             lambda: interaction.response,
             timeout=timeout,  # type: ignore[return-value]
             what=f"a response to /{interaction.name}",
         )
+        if response.get("type") != 5:
+            return response
+        followup = await self.wait_for(
+            lambda: interaction.followups[0] if interaction.followups else None,
+            timeout=timeout,
+            what=f"the follow-up to the deferred /{interaction.name}",
+        )
+        return {"type": 5, "data": followup}
 
     # ----- queries -----------------------------------------------------------------------------
 
