@@ -170,6 +170,12 @@ class RemoteEngine:
             if self._closed and asking.cancelled() and not _being_cancelled():
                 raise EngineClosed("the remote engine was closed") from None
             raise
+        except Exception as exc:
+            # Closing cancels the request, but one already on its way may end otherwise first, e.g. with
+            # httpx's "the client has been closed": for the person, the engine closed all the same.
+            if self._closed:
+                raise EngineClosed("the remote engine was closed") from exc
+            raise
         finally:
             self._running -= 1
             self._asking.discard(asking)

@@ -328,9 +328,11 @@ class ScaledSoak(Soak):
 
 
 async def run_scaled(total: int, seed: int) -> int:
-    """Build the model, start PostgreSQL and the Serve app, run the soak; stop all of it, whatever happens."""
+    """Build the model, start PostgreSQL and the Serve app, run the soak; stop all of it, whatever happens.
+    The logs (each bot process's, the Serve app's) are deleted after a pass and kept after a failure."""
     tmp = Path(tempfile.mkdtemp(prefix="soak-scaled-"))
     began = time.monotonic()
+    status = 1
     try:
         print("building the tiny model ...")
         model_dir = build_tiny_model(tmp / "tiny-model")
@@ -365,8 +367,12 @@ async def run_scaled(total: int, seed: int) -> int:
                 code = await asyncio.to_thread(server.stop)  # raises if Ray left a process behind
             if code != 0:
                 print(f"python -m bot.serve exited with {code}:\n{server.output[-3000:]}")
-                return 1
-            return 0 if passed else 1
+            status = 0 if passed and code == 0 else 1
+            return status
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         print(f"wall time, starting and stopping everything included: {time.monotonic() - began:.0f}s")
+        if status == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp / "tiny-model", ignore_errors=True)
+            print(f"logs kept in {tmp} (bot-shard*/stderr.txt, serve/serve.log)")

@@ -231,6 +231,34 @@ async def test_a_refused_key_stops_the_entrypoint_with_one_line(fake: FakeOpenAI
         await engine.close()
 
 
+async def test_a_request_that_fails_as_the_engine_closes_is_told_the_engine_closed(
+    chat: ChatService, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request already on its way when close() cancels it can end with the closed client's error instead
+    of the cancellation (found by the scaled soak): that is a closed engine too, not a bug to log."""
+    from bot.chat import CLOSING_TEXT
+
+    engine = RemoteEngine(config(fake))
+    await engine.start()
+    assert engine._client is not None
+    sent = asyncio.Event()
+
+    async def create(**request: object) -> object:
+        """On its way (always ready to run), so it sees the client closed before the cancellation arrives."""
+        sent.set()
+        while not engine._closed:  # noqa: ASYNC110 - polling keeps it ready to run, which an Event would not
+            await asyncio.sleep(0)
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+
+    engine._client.chat.completions.create = create  # type: ignore[method-assign]
+    chat.engine = engine
+    waiting = asyncio.ensure_future(chat.respond(HERE, 1, "hello"))
+    await asyncio.wait_for(sent.wait(), 5)
+    await engine.close()
+    assert (await asyncio.wait_for(waiting, 5)).text == CLOSING_TEXT
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_closing_tells_waiting_replies_the_engine_closed(chat: ChatService, fake: FakeOpenAI) -> None:
     from bot.chat import CLOSING_TEXT
 
