@@ -158,9 +158,12 @@ class RemoteEngine:
             raise EngineClosed("the remote engine is not running")
         started = time.monotonic()
         self._running += 1
-        asking = asyncio.ensure_future(
-            asyncio.wait_for(self._reply_fitting(list(history), on_partial), self.config.timeout_seconds)
-        )
+
+        async def bounded() -> tuple[str, int | None]:
+            # The request is made inside the task, so one cancelled before it starts leaves no coroutine unawaited.
+            return await asyncio.wait_for(self._reply_fitting(list(history), on_partial), self.config.timeout_seconds)
+
+        asking = asyncio.ensure_future(bounded())
         self._asking.add(asking)
         try:
             text, tokens = await asking

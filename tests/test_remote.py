@@ -272,3 +272,20 @@ async def test_closing_tells_waiting_replies_the_engine_closed(chat: ChatService
     assert (await asyncio.wait_for(waiting, 5)).text == CLOSING_TEXT
     with pytest.raises(EngineClosed):
         await engine.reply([Turn("user", "hi")])
+
+
+async def test_closing_before_a_request_starts_leaves_nothing_unawaited(fake: FakeOpenAI) -> None:
+    import gc
+    import warnings
+
+    engine = RemoteEngine(config(fake))
+    await engine.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reply = asyncio.ensure_future(engine.reply([Turn("user", "hi")]))
+        await asyncio.sleep(0)  # reply() has made its request task, which has not run yet
+        await engine.close()
+        with pytest.raises(EngineClosed):
+            await reply
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
