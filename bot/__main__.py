@@ -53,6 +53,8 @@ _CONSOLE_COMMAND = re.compile(r"/[A-Za-z][\w-]*")
 
 # Libraries whose warnings are not the user's business (see setup_logging).
 LIBRARY_LOGGERS = ("huggingface_hub", "transformers")
+# The OpenAI client's HTTP libraries log every request at INFO (the remote engine, ENGINE_URL).
+HTTP_LOGGERS = ("httpx", "httpx2", "openai")
 
 
 class ExitCode(Exception):
@@ -348,6 +350,8 @@ def setup_logging(level: int, *, local_model: bool = True) -> None:
     library_level = "warning" if level <= logging.DEBUG else "error"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", library_level)  # read when transformers is first imported
     os.environ.setdefault("HF_HUB_VERBOSITY", library_level)
+    for name in HTTP_LOGGERS:  # one line per reply; LOG_LEVEL=DEBUG shows them
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
     if not local_model:
         return  # a remote engine: the Hugging Face libraries are never imported
     from huggingface_hub.utils import logging as hub_logging  # importing it adds its own handler

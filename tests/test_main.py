@@ -17,6 +17,7 @@ import pytest
 from bot.__main__ import (
     CONSOLE_HELP,
     CONSOLE_UNKNOWN,
+    HTTP_LOGGERS,
     LIBRARY_LOGGERS,
     console_answer,
     console_command,
@@ -215,19 +216,21 @@ def test_log_colours_only_on_a_terminal(tty: bool, monkeypatch: pytest.MonkeyPat
     for key in ("TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):
         monkeypatch.setenv(key, "error")
     root = logging.getLogger()
-    before = (list(root.handlers), root.level, [logging.getLogger(n).level for n in LIBRARY_LOGGERS])
+    quieted = LIBRARY_LOGGERS + HTTP_LOGGERS
+    before = (list(root.handlers), root.level, [logging.getLogger(n).level for n in quieted])
     try:
         setup_logging(logging.INFO)
         logging.getLogger("bot").info("hello")
         logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        logging.getLogger("httpx").info("HTTP Request: POST http://engine/v1/chat/completions")
     finally:
         for handler in set(root.handlers) - set(before[0]):
             root.removeHandler(handler)
         root.setLevel(before[1])
-        for name, level in zip(LIBRARY_LOGGERS, before[2], strict=True):
+        for name, level in zip(quieted, before[2], strict=True):
             logging.getLogger(name).setLevel(level)
     assert "hello" in stream.getvalue() and ("\x1b[" in stream.getvalue()) == tty
-    assert "Retry" not in stream.getvalue()
+    assert "Retry" not in stream.getvalue() and "HTTP Request" not in stream.getvalue()
     assert logging.getLogger("huggingface_hub").handlers == []  # its lines are not written twice
 
 
