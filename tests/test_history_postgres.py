@@ -79,3 +79,42 @@ def test_redact_hides_passwords() -> None:
         "postgres://db/chat?user=bot&password=***&sslmode=require"
     )
     assert redact("postgresql://bot@db/chat") == "postgresql://bot@db/chat"
+
+
+async def test_a_connection_broken_under_the_pool_is_replaced_before_use(postgres_url: str) -> None:
+    """As after a server restart: the next operation gets a working connection, not an error."""
+    store = await open_store(postgres_url, max_turns=4)
+    try:
+        await store.append(Conversation(1), 7, Turn("user", "hi"))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        assert await store.get(Conversation(1)) == [Turn("user", "hi")]
+    finally:
+        await store.close()
+
+
+async def test_a_transaction_aborted_by_a_deadlock_runs_once_more(postgres_url: str) -> None:
+    from bot.history import HistoryError
+    from bot.history.postgres import PostgresHistoryStore
+
+    store = await open_store(postgres_url, max_turns=4)
+    assert isinstance(store, PostgresHistoryStore)
+    tries: list[int] = []
+
+    async def work(cur: psycopg.AsyncCursor[object]) -> int:
+        tries.append(1)
+        await cur.execute("INSERT INTO epochs (scope, id, epoch) VALUES ('channel', 5, 1) ON CONFLICT DO NOTHING")
+        if len(tries) in (1, 3, 4):  # the first call fails once, the second twice
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return len(tries)
+
+    try:
+        assert await store._transaction(work) == 2  # the first try was rolled back whole, then run again
+        with pytest.raises(HistoryError, match="deadlock"):  # once more only
+            await store._transaction(work)
+        assert len(tries) == 4
+    finally:
+        await store.close()

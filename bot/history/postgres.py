@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Aborted only because of another transaction; the same work succeeds when run again.
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
 SCHEMA_VERSION = 1
 # pg_advisory_xact_lock key for creating or migrating the schema ("bothist" in ASCII).
 SCHEMA_LOCK = 0x626F7468697374
@@ -134,6 +137,9 @@ class PostgresHistoryStore:
             timeout=CONNECT_TIMEOUT_S,
             open=False,
             name="history",
+            # A connection is checked (one round trip) before it is lent, so one broken by a server
+            # restart or a dropped network is replaced instead of failing the next reply.
+            check=AsyncConnectionPool.check_connection,
         )
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
@@ -152,8 +158,18 @@ class PostgresHistoryStore:
             raise HistoryError(f"PostgreSQL: {first_line(exc)}") from exc
 
     async def _transaction(self, work: Callable[[psycopg.AsyncCursor[Any]], Awaitable[T]]) -> T:
-        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
-            return await work(cur)
+        """Run `work` in one transaction. Two deletes over overlapping rows (a channel reset beside a
+        server-wide one, or beside /forget-me) can lock them in opposite orders; PostgreSQL then aborts
+        one of them, which is rolled back whole and run once more."""
+        for attempt in (1, 2):
+            try:
+                async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+                    return await work(cur)
+            except HistoryError as exc:
+                if attempt == 2 or not isinstance(exc.__cause__, _RETRYABLE):
+                    raise
+                log.info("a history transaction was aborted (%s); running it again", first_line(exc.__cause__))
+        raise AssertionError("unreachable")
 
     async def get(self, conversation: Conversation) -> list[Turn]:
         async with self._connection() as conn:
