@@ -52,13 +52,7 @@ async def measure_engine(model_dir: Path, out: dict[str, Any]) -> None:
     for tokens in (20, REPLY):
         async with Engine(engine_config(model_dir, tokens)) as engine:
             out["precision"] = engine.precision
-            await engine.reply(workload.conversations(1, seed=99)[0])  # warm-up
-            times = []
-            for i in range(3):
-                started = time.perf_counter()
-                await engine.reply(workload.conversations(1, seed=100 + i)[0])
-                times.append(time.perf_counter() - started)
-            result[f"single_{tokens}_s"] = sorted(times)[1]
+            result[f"single_{tokens}_s"] = await median_single_reply(engine)
             if tokens != REPLY:
                 continue
             spaced = [i * SPACING_S for i in range(16)]
@@ -66,6 +60,17 @@ async def measure_engine(model_dir: Path, out: dict[str, Any]) -> None:
             history = long_history(engine, 300)
             out["first_words_prompt_tokens"] = len(engine.encode_prompt(history))
             result["first_words_s"] = sorted([await first_words(engine, history) for _ in range(3)])[1]
+
+
+async def median_single_reply(engine: Any) -> float:
+    """Seconds for one reply, alone: the median of three, after a warm-up reply."""
+    await engine.reply(workload.conversations(1, seed=99)[0])
+    times = []
+    for i in range(3):
+        started = time.perf_counter()
+        await engine.reply(workload.conversations(1, seed=100 + i)[0])
+        times.append(time.perf_counter() - started)
+    return sorted(times)[1]
 
 
 async def first_words(engine: Any, history: list[Turn]) -> float:

@@ -24,8 +24,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from bench import bandwidth, memory, workload
+from bench import bandwidth, memory
 from bench.build import BENCH_DIR, CACHE_DIR, build_chat_model, build_model
+from bench.chat_bench import median_single_reply
 
 RESULTS = BENCH_DIR / "results"
 REPLY = 60  # tokens of the timed reply
@@ -82,13 +83,7 @@ async def reply_times(model_dir: Path) -> dict[str, Any]:
         )
         async with Engine(config) as engine:
             out["precision"] = engine.precision
-            await engine.reply(workload.conversations(1, seed=99)[0])  # warm-up
-            times = []
-            for i in range(3):
-                started = time.perf_counter()
-                await engine.reply(workload.conversations(1, seed=100 + i)[0])
-                times.append(time.perf_counter() - started)
-            out[f"reply_{tokens}_s"] = sorted(times)[1]
+            out[f"reply_{tokens}_s"] = await median_single_reply(engine)
     return out
 
 
