@@ -21,7 +21,7 @@ from aiohttp import web
 
 from bot.chat import ChatService
 from bot.client import ChatBot
-from bot.engine_api import EngineError, ServingEngine
+from bot.engine_api import EngineError, EngineSettingsError, ServingEngine
 from bot.history import HistoryStore, HistoryUnavailable, open_store, redact
 from bot.metrics import Metrics, MetricsPortError, serve_metrics
 from bot.types import Conversation
@@ -96,6 +96,8 @@ async def start_engine(engine: ServingEngine, settings: Settings, stop: asyncio.
         raise ExitCode("Stopped while loading the model.", code=0, threads_running=True)
     try:
         loading.result()
+    except EngineSettingsError as exc:
+        raise ExitCode(f"Configuration error: {exc}", code=2) from None
     except EngineError as exc:
         if settings.engine_url:
             raise ExitCode(f"Could not use the engine at ENGINE_URL: {exc}") from None
@@ -144,6 +146,7 @@ def watch(metrics: Metrics, engine: ServingEngine, bot: ChatBot) -> None:
     metrics.watch_engine(engine.stats)
     metrics.watch_gateway(lambda: bot.latencies)
     metrics.add_readiness_check(bot.gateway_ready)
+    metrics.add_readiness_check(engine.failure)
 
 
 def build_engine(settings: Settings) -> ServingEngine:

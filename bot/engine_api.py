@@ -17,6 +17,7 @@ __all__ = [
     "EngineBusy",
     "EngineClosed",
     "EngineError",
+    "EngineSettingsError",
     "EngineStats",
     "GenerationTimeout",
     "ReplyEngine",
@@ -35,6 +36,10 @@ class EngineBusy(EngineError):
 
 class EngineClosed(EngineError):
     """The engine has been closed and takes no more work."""
+
+
+class EngineSettingsError(EngineError):
+    """The settings cannot work with this model (for example SYSTEM_PROMPT fills its whole context)."""
 
 
 class GenerationTimeout(EngineError):
@@ -83,3 +88,9 @@ class ServingEngine(ReplyEngine, Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def failure(self) -> str | None:
+        """Why this engine cannot answer any more (its decode loop died or hangs); None while it can.
+
+        A readiness check (`/ready`) and the model server's health check read it.
+        """

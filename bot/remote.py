@@ -138,6 +138,10 @@ class RemoteEngine:
         if self._client is not None:
             await self._client.close()
 
+    def failure(self) -> None:
+        """Always None: a server that is down is retried with every message, and nothing here can die."""
+        return None
+
     async def __aenter__(self) -> RemoteEngine:
         await self.start()
         return self

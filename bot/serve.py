@@ -194,9 +194,13 @@ class ChatEngine:
         return text
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: a closed engine gets its replica replaced."""
-        if self.engine._closed:
+        """Ray Serve's health check: a replica whose engine is closed, or cannot answer any more (its decode
+        loop died or hangs), is replaced."""
+        if self.engine.closed:
             raise RuntimeError("the engine is closed")
+        failure = self.engine.failure()
+        if failure is not None:
+            raise RuntimeError(failure)
 
     async def __del__(self) -> None:  # Ray Serve awaits this when it stops the replica
         self._reporting.cancel()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.engine.errors import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
 from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
 from bot.engine.prompt import build_input_ids
 from bot.engine_api import EngineStats, percentile
@@ -28,6 +28,7 @@ __all__ = [
     "EngineClosed",
     "EngineConfig",
     "EngineError",
+    "EngineSettingsError",
     "EngineStats",
     "GenerationTimeout",
 ]
@@ -45,6 +46,14 @@ DEFAULT_CONTEXT_TOKENS = 2048
 # The longest chat-model reply when the model's generation_config sets no length (Discord shows
 # 2000 characters per message; 256 tokens is about 1000 characters of English).
 DEFAULT_REPLY_TOKENS = 256
+# A chat model's SYSTEM_PROMPT must leave at least this many tokens of a prompt for the conversation
+# (about 40 words): with less, the bot could only ever read the last words of the newest message.
+MIN_CONVERSATION_TOKENS = 64
+# A reply is awaited this long past its own deadline before the engine is taken for stuck: the decode
+# loop stops a late reply itself at the next step boundary, so only a step that never ends gets here.
+STUCK_GRACE_SECONDS = 30.0
+# How long `close()` waits for the decode loop to finish its step.
+CLOSE_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,30 @@ class Engine:
         await loaded
         self._started_at = time.monotonic()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has been called: the engine takes no more work."""
+        return self._closed
+
+    def failure(self) -> str | None:
+        """Why the engine cannot answer any more; None while it can (and while it loads or is closed).
+
+        The decode loop recovers from faults on its own; this says when it could not (it stopped,
+        or one step has run past every reply's deadline), for `/ready` and the model server's health.
+        """
+        scheduler = self._scheduler
+        if scheduler is None or self._closed:
+            return None
+        if scheduler.failure is not None:
+            return scheduler.failure
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine thread stopped; restart the bot"
+        busy = scheduler.counters.running or scheduler.waiting
+        stalled = time.monotonic() - scheduler.beat
+        if busy and stalled > self.config.generation_timeout_seconds + STUCK_GRACE_SECONDS:
+            return f"the decode loop has not moved for {stalled:.0f}s"
+        return None
+
     async def close(self) -> None:
         """Stop the decode loop at the next step; running and waiting requests are told it closed."""
         if self._closed:
@@ -116,9 +149,12 @@ class Engine:
         self._closed = True
         if self._scheduler is not None:
             self._scheduler.stop()
-        # A model still loading cannot be interrupted; its daemon thread ends with the process.
+        # A model still loading cannot be interrupted; its daemon thread ends with the process. So does
+        # a step that never ends: closing waits for it a bounded time.
         if self._thread is not None and self._scheduler is not None:
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, CLOSE_WAIT_SECONDS)
+            if self._thread.is_alive():
+                log.warning("the decode loop did not stop within %.0fs; leaving it behind", CLOSE_WAIT_SECONDS)
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -168,6 +204,9 @@ class Engine:
 
         if self._closed or self._scheduler is None:
             raise EngineClosed("the model is not running")
+        failure = self.failure()
+        if failure is not None:
+            raise EngineError(failure)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
 
@@ -185,7 +224,14 @@ class Engine:
                 progress=None if on_partial is None else self._progress(loop, future, on_partial),
             )
         )
-        return await future
+        # Bounded even if the loop never answers (a step that hangs): the loop stops a late reply
+        # itself, so this only fires when it cannot, and cancelling the future drops the request.
+        limit = self.config.generation_timeout_seconds + STUCK_GRACE_SECONDS
+        try:
+            return await asyncio.wait_for(future, limit)
+        except asyncio.TimeoutError:
+            log.error("the engine gave no answer within %.0fs; its decode loop seems stuck", limit)
+            raise GenerationTimeout(f"no answer from the decode loop within {limit:.0f}s") from None
 
     def _progress(
         self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str], on_partial: Callable[[str], None]
@@ -241,7 +287,7 @@ class Engine:
         self._scheduler = scheduler
         if self._closed or not _settle_from_thread(loop, loaded, None, None):
             return  # closed while loading: nobody is waiting for this model
-        scheduler.run()
+        scheduler.run()  # never raises: a loop that cannot go on says so in `scheduler.failure`
 
     def _load(self) -> Any:
         from bot.engine.causal import CausalRunner
@@ -278,6 +324,7 @@ class Engine:
             )
         else:
             self.max_input_tokens = positions - (plan.max_length - 1)
+            self._check_system_prompt(positions, plan.max_length - 1)
             dtype = self._cache_dtype(CausalRunner.cache_size(config, blocks, positions))
             runner = CausalRunner(model, max_blocks=blocks, max_length=positions, cache_dtype=dtype)
         scheduler = Scheduler(runner, plan, gen, self._text, max_queue=self.config.max_queue)
@@ -293,6 +340,25 @@ class Engine:
             runner.cache_bytes() / 1e6,
         )
         return scheduler
+
+    def _check_system_prompt(self, positions: int, reply_tokens: int) -> None:
+        """Refuse to start when SYSTEM_PROMPT leaves a chat model no room for the conversation.
+
+        Every message would otherwise fail; the one line says which settings to change.
+        """
+        from bot.engine.chat_prompt import render_chat_ids
+
+        bare = len(render_chat_ids(self._tokenizer, [Turn("user", "")], system_prompt=self.config.system_prompt))
+        room = self.max_input_tokens - bare
+        if room >= MIN_CONVERSATION_TOKENS:
+            return
+        what = "SYSTEM_PROMPT and the chat template take" if self.config.system_prompt else "the chat template takes"
+        raise EngineSettingsError(
+            f"{what} {bare} of the {self.max_input_tokens} tokens a prompt may hold ({positions} in the context, "
+            f"{reply_tokens} kept for the reply), leaving {max(room, 0)} for the conversation; at least "
+            f"{MIN_CONVERSATION_TOKENS} are needed. Shorten SYSTEM_PROMPT, raise CONTEXT_TOKENS "
+            f"(the model allows up to {self._model.config.max_position_embeddings}), or lower MAX_NEW_TOKENS."
+        )
 
     def _text(self, ids: list[int]) -> str:
         """A finished reply's text, as posted and stored: a chat model's `<think>` blocks never are."""

@@ -109,6 +109,10 @@ class CausalRunner:
                 slab[block] = slab[last]
         self.blocks = last
 
+    def reset(self) -> None:
+        """Drop every block (the slabs' contents are overwritten by the next prompts)."""
+        self.blocks = 0
+
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the cache of row `order[i]` (never needed while every request has one row)."""
         reorder_rows((*self.keys, *self.values), self.rows, order, filled)

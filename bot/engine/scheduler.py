@@ -4,6 +4,12 @@ One thread runs it. Between two steps it retires the requests that finished (the
 at once), admits waiting requests up to `max_batch` (each one's encoder pass runs then), and checks
 every request's own deadline. Each step then advances every row of every running request by one
 token (iteration-level scheduling, as in Orca and TGI).
+
+A fault never ends the loop quietly. One that concerns a single request (its prompt, its search)
+fails that request alone; one in the batch's shared state (a step, moving rows, removing a block)
+fails the requests of that batch, empties the runner and goes on with the next request. Only when
+even that recovery fails does the loop stop for good: every waiting request is then told, `failure`
+says why, and new requests are refused at once.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Request:
     # Called from the engine thread after each step with the tokens chosen so far, for streaming.
     # Only searches that commit to their tokens as they go (greedy) report progress.
     progress: Progress | None = None
+    answered: bool = False  # `deliver` has been called: it never is twice
 
 
 @dataclass
@@ -81,6 +88,9 @@ class Runner(Protocol):
 
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None: ...
 
+    def reset(self) -> None:
+        """Drop every block at once (after a fault left the batch in an unknown state)."""
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -106,17 +116,23 @@ class Scheduler:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._running: list[_Running] = []
         self._seeds = random.Random()  # each sampled reply draws from a generator of its own
+        self.failure: str | None = None  # why the loop stopped for good; None while it runs
+        self.beat = time.monotonic()  # when the loop last went round (a stuck step shows here)
+        self._gate = threading.Lock()  # a request is queued before the loop dies, or refused after
 
     @property
     def waiting(self) -> int:
         return self._queue.qsize()
 
     def submit(self, request: Request) -> None:
-        if self.closing.is_set():
-            raise EngineClosed("the bot is shutting down")
-        if self._queue.qsize() >= self.max_queue:
-            raise EngineBusy(f"{self.max_queue} requests are already waiting")
-        self._queue.put(request)
+        with self._gate:
+            if self.failure is not None:
+                raise EngineError(self.failure)
+            if self.closing.is_set():
+                raise EngineClosed("the bot is shutting down")
+            if self._queue.qsize() >= self.max_queue:
+                raise EngineBusy(f"{self.max_queue} requests are already waiting")
+            self._queue.put(request)
 
     def stop(self) -> None:
         """Finish at the next step boundary; running and waiting requests are told the bot is closing."""
@@ -126,16 +142,57 @@ class Scheduler:
     # ----- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
-        while not self.closing.is_set():
-            if not self._running and not self._admit(block=True):
-                continue
-            self._admit(block=False)
-            if self._running:
-                self._step()
-            self._expire()
+        try:
+            while not self.closing.is_set():
+                try:
+                    self._go_round()
+                except Exception as exc:  # noqa: BLE001 - the batch's requests are told; the loop goes on
+                    self._recover(exc)
+        except BaseException as exc:  # noqa: BLE001 - even recovering failed: stop, and tell everyone
+            self._die(exc)
+            return
         closed = EngineClosed("the bot is shutting down")
         self._fail_running(closed)
         self._fail_waiting(closed)
+
+    def _go_round(self) -> None:
+        """One turn of the loop: admit (waiting for work when idle), step, expire."""
+        self.beat = time.monotonic()
+        if not self._running and not self._admit(block=True):
+            return
+        self.beat = time.monotonic()
+        self._admit(block=False)
+        if self._running:
+            self._step()
+        self._expire()
+
+    def _recover(self, exc: Exception) -> None:
+        """A fault in the batch's shared state: its requests fail, the runner starts empty."""
+        log.error(
+            "the decode loop failed; %d replies in the batch are told, the loop goes on",
+            len(self._running),
+            exc_info=exc,
+        )
+        error = EngineError(f"generation failed: {exc}")
+        running, self._running = self._running, []
+        self.counters.running = 0
+        for entry in running:
+            self._finish(entry.request, None, error)
+        self.runner.reset()  # if this fails too, the loop cannot go on (see `run`)
+
+    def _die(self, exc: BaseException) -> None:
+        """The loop cannot go on: refuse new requests, fail every request it holds, say why once."""
+        reason = f"the model stopped working ({type(exc).__name__}: {exc}); restart the bot"
+        log.critical("the decode loop stopped: %s", reason, exc_info=exc)
+        with self._gate:
+            self.failure = reason
+            self.closing.set()
+        error = EngineError(reason)
+        for entry in self._running:
+            self._finish(entry.request, None, error)
+        self._running = []
+        self.counters.running = 0
+        self._fail_waiting(error)
 
     def _admit(self, *, block: bool) -> bool:
         """Move waiting requests into the batch while there is room; False if the loop must stop."""
@@ -154,21 +211,31 @@ class Scheduler:
                 self._finish(item, None, GenerationTimeout("waited past the deadline"))
                 continue
             try:
-                self.runner.add_block(item.input_ids)
+                slot = self.runner.add_block(item.input_ids)
             except Exception as exc:
                 log.exception("could not start a reply")
                 self._finish(item, None, EngineError(f"generation failed: {exc}"))
                 continue
-            if self.runner.encoder_decoder:  # the decoder starts from its start token, beside the prompt
-                prefix, encoder_ids = [self.plan.start_id], item.input_ids
-            else:  # the decoder continues the prompt
-                prefix, encoder_ids = item.input_ids, None
-            processors = logits_processors(self.generation_config, self.plan, encoder_ids, len(prefix))
-            generator = torch.Generator().manual_seed(self._seeds.randrange(2**63)) if self.plan.sample else None
-            self._running.append(_Running(item, new_search(self.plan, processors, prefix, generator)))
+            try:
+                search = self._new_search(item)
+            except Exception as exc:
+                log.exception("could not start a reply's search")
+                self.runner.remove_block(slot)
+                self._finish(item, None, EngineError(f"generation failed: {exc}"))
+                continue
+            self._running.append(_Running(item, search))
             self.counters.running = len(self._running)
             self.counters.queue_waits.append(now - item.submitted)
         return True
+
+    def _new_search(self, request: Request) -> Search:
+        if self.runner.encoder_decoder:  # the decoder starts from its start token, beside the prompt
+            prefix, encoder_ids = [self.plan.start_id], request.input_ids
+        else:  # the decoder continues the prompt
+            prefix, encoder_ids = request.input_ids, None
+        processors = logits_processors(self.generation_config, self.plan, encoder_ids, len(prefix))
+        generator = torch.Generator().manual_seed(self._seeds.randrange(2**63)) if self.plan.sample else None
+        return new_search(self.plan, processors, prefix, generator)
 
     def _step(self) -> None:
         started = time.monotonic()
@@ -206,13 +273,15 @@ class Scheduler:
                 moved = True
             if entry.request.progress is not None and entry.search.streams and i not in done:
                 entry.request.progress(entry.search.result())
-        if moved:
-            filled = max(r.search.length for r in running)
-            self.runner.reorder_rows(torch.tensor(order, device=self.runner.device), filled)
-        self._retire(done)
-        self.counters.step_seconds += time.monotonic() - started
-        for request, text, error in outcomes:  # answers go out as soon as the step is over
-            self._finish(request, text, error)
+        try:
+            if moved:
+                filled = max(r.search.length for r in running)
+                self.runner.reorder_rows(torch.tensor(order, device=self.runner.device), filled)
+            self._retire(done)
+        finally:  # finished answers go out even if the batch failed after them (`run` recovers it)
+            self.counters.step_seconds += time.monotonic() - started
+            for request, text, error in outcomes:  # answers go out as soon as the step is over
+                self._finish(request, text, error)
 
     def _expire(self) -> None:
         """Stop requests past their own deadline, or whose waiter has gone; the others keep running."""
@@ -252,6 +321,9 @@ class Scheduler:
                 self._finish(item, None, error)
 
     def _finish(self, request: Request, text: str | None, error: BaseException | None) -> None:
+        if request.answered:
+            return
+        request.answered = True
         if error is None:
             self.counters.replies += 1
             self.counters.latencies.append(time.monotonic() - request.submitted)

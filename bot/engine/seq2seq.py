@@ -119,6 +119,10 @@ class Seq2SeqRunner:
                 slab[block] = slab[last]
         self.blocks = last
 
+    def reset(self) -> None:
+        """Drop every block (the slabs' contents are overwritten by the next prompts)."""
+        self.blocks = 0
+
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the self-attention cache of row `order[i]` (beams moving within their block)."""
         reorder_rows((*self.keys, *self.values), self.rows, order, filled)
