@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout, ReplyEngine
@@ -14,6 +14,9 @@ from bot.metrics import Metrics
 from bot.types import Conversation, Reply, Turn
 
 log = logging.getLogger(__name__)
+
+# Shows a reply to the people in the conversation; True once they can see all of it.
+Post = Callable[[Reply], Awaitable[bool]]
 
 BUSY_TEXT = "I'm busy with a lot of conversations right now. Please try again in a moment."
 TIMEOUT_TEXT = "Sorry, that took me too long to think about. Could you try again, maybe in fewer words?"
@@ -54,6 +57,7 @@ class ChatService:
         *,
         speaker: str | None = None,
         on_partial: Callable[[str], None] | None = None,
+        post: Post | None = None,
     ) -> Reply:
         """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
 
@@ -65,9 +69,15 @@ class ChatService:
         `on_partial`, when the engine can stream, is called with the reply so far as it is written
         (each text extends the one before); the returned `Reply` is still the whole answer, the one
         stored, or a notice if the reply could not be finished.
+
+        `post`, when given, shows the reply (or notice) before it is stored, still inside the
+        conversation's turn: a reply is stored only once `post` says it was shown. One that could not
+        be posted (Discord refused it past its retries), or whose posting was cancelled, is never
+        stored, so the history holds nothing that nobody saw. Without `post` (the console) the
+        caller shows what is returned.
         """
         started = time.monotonic()
-        reply = await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial)
+        reply = await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial, post=post)
         self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
         return reply
 
@@ -79,54 +89,77 @@ class ChatService:
         *,
         speaker: str | None,
         on_partial: Callable[[str], None] | None,
+        post: Post | None,
     ) -> Reply:
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
-                try:
-                    # The epochs say how often this channel, its server and this user were cleared so
-                    # far: read with the history, and checked again where the reply is stored.
-                    snapshot = await self.history.snapshot(conversation, user_id)
-                except HistoryError:
-                    log.exception("could not read the history of channel %s", conversation.channel_id)
-                    self.metrics.history_errors.inc()
-                    return Reply(ERROR_TEXT, ok=False)
-                turns = snapshot.turns + [Turn("user", text, speaker)]
-                try:
-                    answer = await self.engine.reply(turns, on_partial)
-                except EngineBusy:
-                    log.warning("queue full; told channel %s to try again", conversation.channel_id)
-                    return Reply(BUSY_TEXT, ok=False, kind="busy")
-                except GenerationTimeout:
-                    return Reply(TIMEOUT_TEXT, ok=False, kind="timeout")
-                except EngineClosed:
-                    return Reply(CLOSING_TEXT, ok=False, kind="closing")
-                except EngineError as exc:  # the engine has logged the details (or they are all here)
-                    log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
-                    return Reply(ERROR_TEXT, ok=False)
-                except Exception:  # a bug: the traceback is what a developer needs
-                    log.exception("the engine failed to answer in channel %s", conversation.channel_id)
-                    return Reply(ERROR_TEXT, ok=False)
-                if not answer.strip():
-                    return Reply(EMPTY_REPLY_TEXT, ok=False, kind="empty")
-                try:
-                    stored = await self.history.append(
-                        conversation,
-                        user_id,
-                        Turn("user", text, speaker),
-                        Turn("bot", answer),
-                        expected=snapshot.epochs,
-                    )
-                except HistoryError:  # the answer is still worth posting
-                    log.exception("could not store a reply in channel %s", conversation.channel_id)
-                    self.metrics.history_errors.inc()
-                    return Reply(answer)
-                if not stored:
-                    # /reset or /forget-me ran while this reply was generated (in any process): keep its promise.
-                    log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
-                return Reply(answer)
+                reply, store = await self._answer(conversation, user_id, text, speaker, on_partial)
+                if post is not None and not await post(reply):
+                    if store is not None:
+                        log.warning("a reply in channel %s could not be posted; not stored", conversation.channel_id)
+                    return reply
+                if store is not None:
+                    # Shielded: once shown, a cancelled handler does not stop the reply being remembered.
+                    await asyncio.shield(store(reply))
+                return reply
         finally:
             self._in_flight -= 1
+
+    async def _answer(
+        self,
+        conversation: Conversation,
+        user_id: int | None,
+        text: str,
+        speaker: str | None,
+        on_partial: Callable[[str], None] | None,
+    ) -> tuple[Reply, Callable[[Reply], Awaitable[None]] | None]:
+        """The reply (or notice), and how to store it once shown (None for a notice)."""
+        try:
+            # The epochs say how often this channel, its server and this user were cleared so
+            # far: read with the history, and checked again where the reply is stored.
+            snapshot = await self.history.snapshot(conversation, user_id)
+        except HistoryError:
+            log.exception("could not read the history of channel %s", conversation.channel_id)
+            self.metrics.history_errors.inc()
+            return Reply(ERROR_TEXT, ok=False), None
+        turns = snapshot.turns + [Turn("user", text, speaker)]
+        try:
+            answer = await self.engine.reply(turns, on_partial)
+        except EngineBusy:
+            log.warning("queue full; told channel %s to try again", conversation.channel_id)
+            return Reply(BUSY_TEXT, ok=False, kind="busy"), None
+        except GenerationTimeout:
+            return Reply(TIMEOUT_TEXT, ok=False, kind="timeout"), None
+        except EngineClosed:
+            return Reply(CLOSING_TEXT, ok=False, kind="closing"), None
+        except EngineError as exc:  # the engine has logged the details (or they are all here)
+            log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
+            return Reply(ERROR_TEXT, ok=False), None
+        except Exception:  # a bug: the traceback is what a developer needs
+            log.exception("the engine failed to answer in channel %s", conversation.channel_id)
+            return Reply(ERROR_TEXT, ok=False), None
+        if not answer.strip():
+            return Reply(EMPTY_REPLY_TEXT, ok=False, kind="empty"), None
+
+        async def store(reply: Reply) -> None:
+            try:
+                stored = await self.history.append(
+                    conversation,
+                    user_id,
+                    Turn("user", text, speaker),
+                    Turn("bot", reply.text),
+                    expected=snapshot.epochs,
+                )
+            except HistoryError:  # the answer was still worth posting
+                log.exception("could not store a reply in channel %s", conversation.channel_id)
+                self.metrics.history_errors.inc()
+                return
+            if not stored:
+                # /reset or /forget-me ran while this reply was generated (in any process): keep its promise.
+                log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
+
+        return Reply(answer), store
 
     @asynccontextmanager
     async def _locked(self, channel_id: int) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import discord
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,10 @@ MESSAGE_LIMIT = 2000  # characters in one Discord message
 EDIT_INTERVAL_SECONDS = 1.2  # at most one write (post or edit) per message this often
 FIRST_POST_AFTER_SECONDS = 1.0  # without a whole sentence yet, the first words go up this long after the first
 CUT_OFF_NOTE = "\n\n*(I was cut off here. Please ask again.)*"
+
+# What posting may raise once discord.py has given up: Discord refused (HTTP errors, 5xx past its
+# retries), or could not be reached at all.
+POST_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError)
 
 # A sentence end ('.', '!', '?' or a line break) after at least two words: worth showing on its own.
 _SENTENCE = re.compile(r"\S+\s+\S[^.!?\n]*[.!?\n]")
@@ -100,6 +105,7 @@ class StreamingReply:
         self._news = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._quiet = discord.AllowedMentions.none()
+        self.refused = False  # Discord refused a post or an edit: the reply is not all shown
 
     # ----- called by the cog -----------------------------------------------------------------
 
@@ -113,14 +119,16 @@ class StreamingReply:
         self._start()
         self._news.set()
 
-    async def finish(self, text: str, *, ok: bool) -> None:
-        """The reply is done: `text` is the whole reply (`ok`) or a notice. Returns once it is shown."""
+    async def finish(self, text: str, *, ok: bool) -> bool:
+        """The reply is done: `text` is the whole reply (`ok`) or a notice. Returns once it is shown:
+        True if all of it is, False if Discord refused a post or an edit."""
         if self._final is None:
             self._final = (text, ok)
         self._news.set()
         self._start()
         assert self._writer is not None
         await self._writer
+        return not self.refused
 
     def cancel(self) -> None:
         """Stop writing (the reply's handler is going away); harmless once finished."""
@@ -139,7 +147,8 @@ class StreamingReply:
             if self.after is not None:
                 await asyncio.wait({self.after})
             await self._show()
-        except discord.HTTPException as exc:
+        except POST_ERRORS as exc:
+            self.refused = True
             log.warning("could not post in channel %s: %s", self.message.channel.id, exc)
 
     async def _wait_for_first_words(self) -> None:

@@ -14,7 +14,7 @@ import discord
 from discord.ext import commands
 
 from bot.chat import CLOSING_TEXT, ERROR_TEXT
-from bot.streaming import StreamingReply, split_message
+from bot.streaming import POST_ERRORS, StreamingReply, split_message
 from bot.types import Conversation, Reply
 
 if TYPE_CHECKING:
@@ -134,6 +134,15 @@ class Chat(commands.Cog):
         stream = StreamingReply(message, after=previous) if self.streaming else None
         # In a server the model is told who is speaking (several people share a channel); a DM has one.
         speaker = message.author.display_name if message.guild is not None else None
+
+        async def post(reply: Reply) -> bool:
+            """Show the reply (streamed: its last edit); the chat service stores it only when this is True."""
+            if stream is not None:
+                return await stream.finish(reply.text, ok=reply.ok)
+            if previous is not None:
+                await asyncio.wait({previous})
+            return await self.send(message, reply.text)
+
         # Take this message's place in its conversation's line now, before the first await (the
         # typing request): otherwise a later message whose typing request happens to come back first
         # would be answered first, and messages arriving together (a burst, events replayed after a
@@ -145,19 +154,19 @@ class Chat(commands.Cog):
                 text,
                 speaker=speaker,
                 on_partial=stream.update if stream is not None else None,
+                post=post,
             )
         )
         try:
-            async with typing_in(message.channel):
+            async with typing_in(message.channel):  # while streaming, up until the last edit
                 await asyncio.wait({responding})
-                if stream is not None:  # the typing indicator stays up until the last edit
-                    reply_text, ok = self.outcome(message, responding)
-                    await stream.finish(reply_text, ok=ok)
-            if stream is None:
-                if previous is not None:
-                    await asyncio.wait({previous})
-                await self.send(message, self.outcome(message, responding)[0])
+            error = responding.exception()
+            if error is not None:  # a bug in the chat service: the reply was not stored, say so once
+                log.error("could not answer message %s", message.id, exc_info=error)
+                await self.send(message, ERROR_TEXT)
         finally:
+            # A cancelled handler (the bot stopping) takes its reply with it: not posted, so not stored.
+            responding.cancel()
             if stream is not None:
                 stream.cancel()
             posted.set_result(None)
@@ -168,16 +177,6 @@ class Chat(commands.Cog):
     def streaming(self) -> bool:
         """Replies are shown while written: STREAM_REPLIES is on and the engine can stream (greedy decoding)."""
         return self.bot.settings.stream_replies and self.bot.chat.can_stream
-
-    @staticmethod
-    def outcome(message: discord.Message, responding: asyncio.Future[Reply]) -> tuple[str, bool]:
-        """The text to show for a finished `respond` and whether it is the model's reply (not a notice)."""
-        error = responding.exception()
-        if error is not None:
-            log.error("could not answer message %s", message.id, exc_info=error)
-            return ERROR_TEXT, False
-        reply = responding.result()
-        return reply.text, reply.ok
 
     async def cooling_down(self, message: discord.Message) -> bool:
         """True if the author is over the rate; they get one notice per cooldown, not one per message."""
@@ -193,8 +192,12 @@ class Chat(commands.Cog):
             await self.send(message, COOLDOWN_TEXT.format(seconds=max(1.0, retry_after)))
         return True
 
-    async def send(self, message: discord.Message, text: str) -> None:
-        """Reply to `message` without pinging anyone; long text arrives in several messages."""
+    async def send(self, message: discord.Message, text: str) -> bool:
+        """Reply to `message` without pinging anyone; long text arrives in several messages.
+
+        True once every piece is posted; False if Discord refused one past discord.py's retries (the
+        rest is not sent, and a reply is then not stored).
+        """
         reference = message.to_reference(fail_if_not_exists=False)
         quiet = discord.AllowedMentions.none()
         for index, chunk in enumerate(split_message(text)):
@@ -205,9 +208,10 @@ class Chat(commands.Cog):
                     allowed_mentions=quiet,
                     mention_author=False,
                 )
-            except discord.HTTPException as exc:
+            except POST_ERRORS as exc:
                 log.warning("could not post in channel %s: %s", message.channel.id, exc)
-                return
+                return False
+        return True
 
 
 def replies_to(message: discord.Message, user_id: int) -> bool:

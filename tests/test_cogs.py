@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def test_split_message_respects_limit_and_loses_nothing() -> None:
 async def test_mention_gets_a_quiet_reply_after_typing(bot: FakeBot, scripted_engine: ScriptedEngine) -> None:
     message = mention(bot, "hello")
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
-    assert message.channel.events == ["typing", "typing-end", "send"]
+    assert message.channel.events == ["typing", "send", "typing-end"]  # posted within the turn, then stored
     sent = message.channel.sent[0]
     assert sent["content"] == "re: hello"
     assert sent["reference"] == ("ref", 42, False)
@@ -295,6 +296,81 @@ async def test_send_failure_is_logged_not_raised(bot: FakeBot, caplog: pytest.Lo
     message.channel.send = refuse  # type: ignore[method-assign]
     await Chat(bot).on_message(message)  # type: ignore[arg-type]
     assert "could not post" in caplog.text
+
+
+async def test_a_reply_discord_refused_is_not_stored(bot: FakeBot, chat: ChatService) -> None:
+    """Past discord.py's retries (a long outage) nobody saw the reply, so the history does not hold it."""
+    channel = FakeChannel(id=3)
+    message = mention(bot, "hi", channel=channel)
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise discord.DiscordServerError(type("R", (), {"status": 503, "reason": "Unavailable"})(), "down")
+
+    channel.send = refuse  # type: ignore[method-assign]
+    await Chat(bot).on_message(message)  # type: ignore[arg-type]
+    assert await chat.history.get(Conversation(3)) == []
+    del channel.send  # Discord is back: the next reply is posted and stored, the refused one never was
+    await Chat(bot).on_message(mention(bot, "again", channel=channel))  # type: ignore[arg-type]
+    assert await chat.history.get(Conversation(3)) == [
+        Turn("user", "again", speaker="someone"),
+        Turn("bot", "re: again"),
+    ]
+
+
+async def test_a_reply_that_could_not_be_reached_is_not_stored(bot: FakeBot, chat: ChatService) -> None:
+    channel = FakeChannel(id=4)
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise OSError("Connection reset by peer")
+
+    channel.send = unreachable  # type: ignore[method-assign]
+    await Chat(bot).on_message(mention(bot, "hi", channel=channel))  # type: ignore[arg-type]
+    assert await chat.history.get(Conversation(4)) == []
+
+
+async def test_a_cancelled_handler_posts_nothing_and_stores_nothing(bot: FakeBot, chat: ChatService) -> None:
+    """The handler is cancelled while its reply is being posted: either posted and stored, or neither."""
+    channel = FakeChannel(id=6)
+    posting, never = asyncio.Event(), asyncio.Event()
+
+    async def slow_send(*args: Any, **kwargs: Any) -> None:
+        posting.set()
+        await never.wait()
+
+    channel.send = slow_send  # type: ignore[method-assign]
+    handler = asyncio.create_task(Chat(bot).on_message(mention(bot, "hi", channel=channel)))  # type: ignore[arg-type]
+    await asyncio.wait_for(posting.wait(), 5)
+    handler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handler
+    await asyncio.sleep(0.05)  # anything still running would store by now
+    assert await chat.history.get(Conversation(6)) == []
+    assert chat.in_flight == 0
+
+
+async def test_a_handler_cancelled_after_posting_still_stores(bot: FakeBot, chat: ChatService) -> None:
+    channel = FakeChannel(id=8)
+    storing, release = asyncio.Event(), asyncio.Event()
+    append = chat.history.append
+
+    async def slow_append(*args: Any, **kwargs: Any) -> Any:
+        storing.set()
+        await release.wait()
+        return await append(*args, **kwargs)
+
+    chat.history.append = slow_append  # type: ignore[method-assign]
+    handler = asyncio.create_task(Chat(bot).on_message(mention(bot, "hi", channel=channel)))  # type: ignore[arg-type]
+    await asyncio.wait_for(storing.wait(), 5)
+    assert [s["content"] for s in channel.sent] == ["re: hi"]
+    handler.cancel()
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handler
+    for _ in range(50):
+        if await chat.history.get(Conversation(8)):
+            break
+        await asyncio.sleep(0.01)
+    assert await chat.history.get(Conversation(8)) == [Turn("user", "hi", speaker="someone"), Turn("bot", "re: hi")]
 
 
 async def test_cooldown_gives_one_notice(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
@@ -434,7 +510,8 @@ async def test_replies_posted_in_order_even_if_typing_is_slow(bot: FakeBot, scri
     first = asyncio.create_task(cog.on_message(mention(bot, "one", channel=channel)))  # type: ignore[arg-type]
     second = asyncio.create_task(cog.on_message(mention(bot, "two", channel=channel)))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)  # "two" has been answered by now, but must not be posted before "one"
-    assert channel.sent == []
+    # A reply does not wait for a slow typing indicator, only for the reply before it in its channel.
+    assert [s["content"] for s in channel.sent] == ["re: one", "re: two"][: len(channel.sent)]
     slow_typing.set()
     await asyncio.gather(first, second)
     assert [s["content"] for s in channel.sent] == ["re: one", "re: two"]
