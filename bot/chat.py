@@ -38,11 +38,17 @@ class ChatService:
         self.metrics = metrics if metrics is not None else Metrics()
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._in_flight = 0
+        self._settling = 0
 
     @property
     def in_flight(self) -> int:
         """Conversation steps currently waiting for or running on the engine."""
         return self._in_flight
+
+    @property
+    def settling(self) -> int:
+        """Replies being posted or stored right now: answered, not yet in the history."""
+        return self._settling
 
     @property
     def can_stream(self) -> bool:
@@ -95,14 +101,20 @@ class ChatService:
         try:
             async with self._locked(conversation.channel_id):
                 reply, store = await self._answer(conversation, user_id, text, speaker, on_partial)
-                if post is not None and not await post(reply):
+                self._settling += 1
+                try:
+                    if post is not None and not await post(reply):
+                        if store is not None:
+                            log.warning(
+                                "a reply in channel %s could not be posted; not stored", conversation.channel_id
+                            )
+                        return reply
                     if store is not None:
-                        log.warning("a reply in channel %s could not be posted; not stored", conversation.channel_id)
+                        # Shielded: once shown, a cancelled handler does not stop the reply being remembered.
+                        await asyncio.shield(store(reply))
                     return reply
-                if store is not None:
-                    # Shielded: once shown, a cancelled handler does not stop the reply being remembered.
-                    await asyncio.shield(store(reply))
-                return reply
+                finally:
+                    self._settling -= 1
         finally:
             self._in_flight -= 1
 

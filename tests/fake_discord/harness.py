@@ -29,6 +29,25 @@ class _ErrorCollector(logging.Handler):
         self.records.append(record)
 
 
+class SettledHistory:
+    """The bot's history store, read the way a test means it: `get` first waits (bounded) until the
+    replies already posted are stored too, since the bot posts a reply before storing it."""
+
+    def __init__(self, store: HistoryStore, chat: ChatService) -> None:
+        self._store = store
+        self._chat = chat
+
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        for _ in range(1000):
+            if not self._chat.settling:
+                break
+            await asyncio.sleep(0.01)
+        return await self._store.get(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 @dataclass
 class BotHarness:
     fake: FakeDiscord
@@ -163,7 +182,8 @@ async def start_bot(
         logging.getLogger().removeHandler(errors)
         raise
     runner = asyncio.create_task(bot.connect())
-    harness = BotHarness(fake, settings, history, engine, chat, bot, runner, errors, owns_engine=owns_engine)
+    settled: Any = SettledHistory(history, chat)
+    harness = BotHarness(fake, settings, settled, engine, chat, bot, runner, errors, owns_engine=owns_engine)
     waiter = asyncio.create_task(ready.wait())
     done, _ = await asyncio.wait({runner, waiter}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
     if waiter not in done:
