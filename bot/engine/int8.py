@@ -10,8 +10,9 @@ quantized per output channel (more accurate than quantize_dynamic's per-tensor d
 
 `quantize_linears_` swaps Linears one at a time and hands the fp32 pages of each weight back to the
 kernel as soon as it is quantized (`from_pretrained` maps safetensors lazily, so those pages are clean
-file pages that can be dropped and re-read), keeping the peak near the int8 size instead of
-fp32 + int8. `detach_from_files_` then copies the few fp32 tensors left (embeddings, norms) out of
+file pages that can be dropped and re-read; `bot.engine.pages.can_drop_pages` checks that before each
+drop, since dropping a written or anonymous page would lose it), keeping the peak near the int8 size
+instead of fp32 + int8. `detach_from_files_` then copies the few fp32 tensors left (embeddings, norms) out of
 the mapped file so the mapping itself can be closed.
 """
 
@@ -20,10 +21,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import warnings
 
 import torch
 from torch import nn
+
+from bot.engine.pages import can_drop_pages
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +126,26 @@ def _in_file(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
 
 
 def release_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
-    """Drop the resident pages under `tensor` if it lies in a file mapping; the data stays in the file."""
+    """Drop the resident pages under `tensor` if it lies in a file mapping; the data stays in the file.
+
+    Returns whether it dropped them. `ranges` (from `file_ranges`) is only a first filter: the mappings are
+    checked again now (`can_drop_pages`), and nothing is dropped where that could lose data, such as pages of a
+    private file mapping that were written (MADV_DONTNEED would bring back the file's bytes) or anonymous memory
+    (it would read back as zeros), or where the check cannot be made (outside Linux).
+    """
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     if not _in_file(ranges, start, end):
         return False
     lo = -(-start // _PAGE) * _PAGE  # whole pages inside the tensor only
     hi = end // _PAGE * _PAGE
-    if hi <= lo:
+    if hi <= lo or not can_drop_pages(lo, hi):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
-    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) != 0:
+        log.debug("madvise(MADV_DONTNEED) on %#x-%#x failed: %s", lo, hi, os.strerror(ctypes.get_errno()))
+        return False
+    return True
 
 
 def quantize_linears_(model: nn.Module) -> int:
