@@ -47,8 +47,10 @@ DEFAULT_CONTEXT_TOKENS = 2048
 # 2000 characters per message; 256 tokens is about 1000 characters of English).
 DEFAULT_REPLY_TOKENS = 256
 # A chat model's SYSTEM_PROMPT must leave at least this many tokens of a prompt for the conversation
-# (about 40 words): with less, the bot could only ever read the last words of the newest message.
-MIN_CONVERSATION_TOKENS = 64
+# (a few words of the newest message), or the engine does not start; under ROOMY_CONVERSATION_TOKENS
+# (about 40 words) it starts with a warning, since only the end of a long message would be read.
+MIN_CONVERSATION_TOKENS = 8
+ROOMY_CONVERSATION_TOKENS = 64
 # A reply is awaited this long past its own deadline before the engine is taken for stuck: the decode
 # loop stops a late reply itself at the next step boundary, so only a step that never ends gets here.
 STUCK_GRACE_SECONDS = 30.0
@@ -350,15 +352,20 @@ class Engine:
 
         bare = len(render_chat_ids(self._tokenizer, [Turn("user", "")], system_prompt=self.config.system_prompt))
         room = self.max_input_tokens - bare
-        if room >= MIN_CONVERSATION_TOKENS:
+        if room >= ROOMY_CONVERSATION_TOKENS:
             return
         what = "SYSTEM_PROMPT and the chat template take" if self.config.system_prompt else "the chat template takes"
-        raise EngineSettingsError(
+        said = (
             f"{what} {bare} of the {self.max_input_tokens} tokens a prompt may hold ({positions} in the context, "
-            f"{reply_tokens} kept for the reply), leaving {max(room, 0)} for the conversation; at least "
-            f"{MIN_CONVERSATION_TOKENS} are needed. Shorten SYSTEM_PROMPT, raise CONTEXT_TOKENS "
-            f"(the model allows up to {self._model.config.max_position_embeddings}), or lower MAX_NEW_TOKENS."
+            f"{reply_tokens} kept for the reply), leaving {max(room, 0)} for the conversation"
         )
+        fix = (
+            f"Shorten SYSTEM_PROMPT, raise CONTEXT_TOKENS (the model allows up to "
+            f"{self._model.config.max_position_embeddings}), or lower MAX_NEW_TOKENS."
+        )
+        if room < MIN_CONVERSATION_TOKENS:
+            raise EngineSettingsError(f"{said}; at least {MIN_CONVERSATION_TOKENS} are needed. {fix}")
+        log.warning("%s: only the end of a long message will be read. %s", said, fix)
 
     def _text(self, ids: list[int]) -> str:
         """A finished reply's text, as posted and stored: a chat model's `<think>` blocks never are."""

@@ -31,15 +31,17 @@ class _ErrorCollector(logging.Handler):
 
 class SettledHistory:
     """The bot's history store, read the way a test means it: `get` first waits (bounded) until the
-    replies already posted are stored too, since the bot posts a reply before storing it."""
+    replies already posted are stored too, since the bot posts a reply before storing it. A streamed
+    reply is seen while it is still being written, so this waits for every reply in progress, for at
+    most 5 s (a test that holds a reply in flight reads the history as it is then)."""
 
     def __init__(self, store: HistoryStore, chat: ChatService) -> None:
         self._store = store
         self._chat = chat
 
     async def get(self, *args: Any, **kwargs: Any) -> Any:
-        for _ in range(1000):
-            if not self._chat.settling:
+        for _ in range(500):
+            if not (self._chat.settling or self._chat.in_flight):
                 break
             await asyncio.sleep(0.01)
         return await self._store.get(*args, **kwargs)
