@@ -82,10 +82,7 @@ class ChatService:
         stored, so the history holds nothing that nobody saw. Without `post` (the console) the
         caller shows what is returned.
         """
-        started = time.monotonic()
-        reply = await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial, post=post)
-        self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
-        return reply
+        return await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial, post=post)
 
     async def _respond(
         self,
@@ -97,10 +94,13 @@ class ChatService:
         on_partial: Callable[[str], None] | None,
         post: Post | None,
     ) -> Reply:
+        started = time.monotonic()
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
                 reply, store = await self._answer(conversation, user_id, text, speaker, on_partial)
+                # counted when the answer is ready, its latency the model's (posting is Discord's)
+                self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
                 self._settling += 1
                 try:
                     if post is not None and not await post(reply):

@@ -180,8 +180,15 @@ def conversation(channel: Channel) -> Conversation:
     return Conversation(channel.id, channel.guild_id)
 
 
-async def stored(topology: Topology, channel: Channel) -> list[tuple[str, str]]:
-    return [(turn.role, turn.text) for turn in await topology.store.get(conversation(channel))]
+async def stored(topology: Topology, channel: Channel, *, expect: int = 0) -> list[tuple[str, str]]:
+    """The channel's stored turns, once there are `expect` of them (or after 10 s): a bot stores a reply
+    just after posting it, so a test that has seen the reply may read the history a moment early."""
+    for _ in range(200):
+        turns = await topology.store.get(conversation(channel))
+        if len(turns) >= expect:
+            break
+        await asyncio.sleep(0.05)
+    return [(turn.role, turn.text) for turn in turns]
 
 
 async def test_each_shard_is_answered_by_the_process_running_it(topology: Topology) -> None:
@@ -193,7 +200,7 @@ async def test_each_shard_is_answered_by_the_process_running_it(topology: Topolo
         reply = await fake.wait_reply(message, timeout=REPLY_TIMEOUT_S)
         assert reply["content"] and reply["content"] not in NOTICES
         assert answers_to(fake, message) == [reply["content"]]
-        assert await stored(topology, place.channels[shard]) == [
+        assert await stored(topology, place.channels[shard], expect=2) == [
             ("user", f"hello from shard {shard}"),
             ("bot", reply["content"]),
         ]
@@ -222,7 +229,7 @@ async def test_a_dm_is_answered_once_by_the_process_running_shard_zero(topology:
     assert b"a private word" not in topology.relay.sent[sent_before:]
     # The message (and the bot's own answer, echoed back as Discord does) went to shard 0's session only.
     assert {s for s, _, g in fake.deliveries[delivered_before:] if g is None} == {(0, 2)}
-    assert await stored(topology, dm_channel) == [("user", "a private word"), ("bot", reply["content"])]
+    assert await stored(topology, dm_channel, expect=2) == [("user", "a private word"), ("bot", reply["content"])]
 
 
 async def test_forget_me_in_one_process_deletes_what_the_other_stored(topology: Topology) -> None:
@@ -230,8 +237,11 @@ async def test_forget_me_in_one_process_deletes_what_the_other_stored(topology: 
     user = place.user
     kept_by_b = await topology.ask(place, 1, "remember the blue door")
     kept_by_a = await topology.ask(place, 0, "and the red key")
-    assert await stored(topology, place.channels[1]) == [("user", "remember the blue door"), ("bot", kept_by_b)]
-    assert await stored(topology, place.channels[0]) == [("user", "and the red key"), ("bot", kept_by_a)]
+    assert await stored(topology, place.channels[1], expect=2) == [
+        ("user", "remember the blue door"),
+        ("bot", kept_by_b),
+    ]
+    assert await stored(topology, place.channels[0], expect=2) == [("user", "and the red key"), ("bot", kept_by_a)]
 
     response = await fake.wait_response(await fake.slash(user, place.channels[0], "forget-me"))  # run by A
     assert response["data"]["content"] == "Done: I've deleted 4 stored messages of our conversations, everywhere."
@@ -245,7 +255,7 @@ async def test_forget_me_in_one_process_deletes_what_the_other_stored(topology: 
     answer = await topology.ask(place, 1, "what was behind it")
     prompt = bytes(topology.relay.sent[mark:])
     assert b"what was behind it" in prompt and b"blue door" not in prompt
-    assert await stored(topology, place.channels[1]) == [("user", "what was behind it"), ("bot", answer)]
+    assert await stored(topology, place.channels[1], expect=2) == [("user", "what was behind it"), ("bot", answer)]
 
 
 async def test_forget_me_in_one_process_holds_against_a_reply_in_flight_in_the_other(topology: Topology) -> None:
@@ -271,7 +281,7 @@ async def test_forget_me_in_one_process_holds_against_a_reply_in_flight_in_the_o
     answer = await topology.ask(place, 1, "what now")
     prompt = bytes(topology.relay.sent[mark:])
     assert b"what now" in prompt and b"secret plan" not in prompt
-    assert await stored(topology, in_b) == [("user", "what now"), ("bot", answer)]
+    assert await stored(topology, in_b, expect=2) == [("user", "what now"), ("bot", answer)]
 
 
 async def test_the_model_server_stopping_gives_notices_and_its_return_brings_answers_back(
@@ -301,7 +311,7 @@ async def test_the_model_server_stopping_gives_notices_and_its_return_brings_ans
     back = {name: await fake.ask(place.user, ch, "are you back", timeout=REPLY_TIMEOUT_S) for name, ch in where.items()}
     assert all(text and text not in NOTICES for text in back.values()), back
     for name, channel in where.items():
-        assert await stored(topology, channel) == [("user", "are you back"), ("bot", back[name])]
+        assert await stored(topology, channel, expect=2) == [("user", "are you back"), ("bot", back[name])]
     assert {shard: bot.process.pid for shard, bot in topology.bots.items()} == pids
     assert all(bot.process.returncode is None for bot in topology.bots.values())
     assert fake.identifies == identifies
