@@ -84,6 +84,11 @@ class PostgresServer:
             "initdb", "-D", str(self.data), "-U", USER, f"--pwfile={pwfile}", "--auth=scram-sha-256",
             "--auth-local=trust", "-E", "UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the server on its existing data folder (same port), as after `stop`; waits until it accepts
+        connections."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off"
@@ -92,9 +97,11 @@ class PostgresServer:
             "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start"
         )
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server if it runs: `immediate` (the default, for cleaning up) drops everything at once,
+        `fast` is an administrator's ordinary shutdown (clients are disconnected, a checkpoint is written)."""
         if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def create_database(self) -> str:
         """A new empty database; returns its name."""

@@ -16,6 +16,12 @@ then deletes its turns too.
 The schema version lives in `history_schema`; an older schema is migrated when a store opens, under
 a transaction-scoped advisory lock so that processes starting together create it once; a newer one
 is refused. PostgreSQL's text cannot hold NUL characters: they are stored as U+FFFD.
+
+While the server is down or unreachable, each call waits at most `POOL_WAIT_S` for a connection and
+then raises `HistoryError`; a write that fails is rolled back by the server. The pool gives up a
+failing reconnection after `RECONNECT_S` rather than backing off for minutes, so the next call once
+the server is back connects at once (psycopg_pool's default doubles its delay between attempts for
+up to five minutes, so a server back after a minute's outage could still be left untried for another).
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ SCHEMA_VERSION = 1
 SCHEMA_LOCK = 0x626F7468697374
 CONNECT_TIMEOUT_S = 10
 POOL_SIZE = 4
+# How long a call waits for a pooled connection before `HistoryError`: a healthy pool lends one in
+# milliseconds, so only a server that is down or unreachable makes a user wait this long.
+POOL_WAIT_S = 5.0
+# How long the pool keeps retrying one failed connection attempt (backing off) before giving it up;
+# the next call that finds no connection starts a new attempt at once.
+RECONNECT_S = 2.0
 
 _SCHEMA = (
     """CREATE TABLE turns (
@@ -134,7 +146,8 @@ class PostgresHistoryStore:
             min_size=1,
             max_size=max(1, pool_size),
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-            timeout=CONNECT_TIMEOUT_S,
+            timeout=POOL_WAIT_S,
+            reconnect_timeout=RECONNECT_S,
             open=False,
             name="history",
             # A connection is checked (one round trip) before it is lent, so one broken by a server

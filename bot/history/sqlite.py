@@ -9,6 +9,13 @@ Every call runs on one worker thread of the store's own (a single-thread executo
 never waits on the disk, and the connection is only ever used by one thread at a time, so a
 transaction is never interleaved with another call.
 
+Faults (a full disk, a read-only one, I/O errors) are `HistoryError`, and a failed call leaves the
+file as it was (its transaction rolled back) and the store usable: no call leaves the connection
+inside a transaction, and after a failure that can stick to the connection itself the store opens a
+new one on its next call. That matters for a read-only disk: SQLite opens a file it may not write
+read-only without saying so, and such a connection stays read-only after the disk is writable again.
+A full disk needs no new connection: the next write after space is freed succeeds on the same one.
+
 Versions: 1 is the first schema; 2 adds `speaker`, the display name of whoever said a user turn in a
 server channel (turns stored by version 1 read back with no speaker); 3 adds `epochs`, how often
 each channel, server and user has been cleared (see `bot.history`).
@@ -22,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -74,6 +81,16 @@ _READ_EPOCHS = (
 )
 _BUMP = "INSERT INTO epochs (scope, id, epoch) VALUES (?, ?, 1) ON CONFLICT (scope, id) DO UPDATE SET epoch = epoch + 1"
 
+# Primary SQLite result codes after which the connection is replaced before the next call: the file
+# may be fine again by then, but this connection's view of it may not be (opened read-only, a file
+# moved or replaced, an I/O error). SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_NOTADB, and
+# SQLITE_READONLY, after which a write is also tried once more at once, on a new connection.
+_SQLITE_READONLY = 8
+_REOPEN_AFTER = frozenset({_SQLITE_READONLY, 10, 11, 14, 26})
+# The same, by message, for Pythons before 3.11 (whose exceptions carry no result code).
+_READONLY_WORDS = ("readonly", "read-only")
+_REOPEN_AFTER_WORDS = (*_READONLY_WORDS, "disk i/o error", "unable to open", "malformed", "not a database")
+
 
 class SQLiteHistoryStore:
     """Turns per conversation in one SQLite file (or `:memory:`), newest `max_turns` kept.
@@ -85,6 +102,13 @@ class SQLiteHistoryStore:
     def __init__(self, path: str | Path, max_turns: int) -> None:
         self.path = str(path)
         self.max_turns = max_turns
+        self._db = self._open_connection()
+        self._stale = False  # it failed in a way a new connection may not: replaced before the next call
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-sqlite")
+        self._closed = False
+
+    def _open_connection(self) -> sqlite3.Connection:
+        """A new connection to the file, its schema created or migrated (`HistoryUnavailable` if it cannot)."""
         self._db = _connect(self.path)
         try:
             self._migrate()
@@ -94,8 +118,7 @@ class SQLiteHistoryStore:
         except BaseException:
             self._db.close()
             raise
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-sqlite")
-        self._closed = False
+        return self._db
 
     @classmethod
     async def open(cls, path: str | Path, max_turns: int) -> SQLiteHistoryStore:
@@ -133,18 +156,70 @@ class SQLiteHistoryStore:
         try:
             yield self._db
             self._db.execute("COMMIT")
-        finally:
-            if self._db.in_transaction:  # the work or the COMMIT failed: never leave the connection inside it
-                self._db.execute("ROLLBACK")
+        except BaseException:
+            # The work or the COMMIT failed (SQLite may have rolled back already, e.g. on a full disk).
+            # A ROLLBACK that fails too does not hide why: `_call` sees the connection still inside the
+            # transaction and replaces it.
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        """Run `work` on the store's thread; an SQLite failure becomes `HistoryError`."""
+    async def _run(self, work: Callable[[], T], *, write: bool = False) -> T:
+        """Run `work` (one transaction, which `write`s) on the store's thread; an SQLite failure becomes
+        `HistoryError`."""
         if self._closed:
             raise HistoryError("the history store is closed")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, self._call, work, write)
         except sqlite3.Error as exc:
             raise HistoryError(f"SQLite: {exc}") from exc
+
+    def _call(self, work: Callable[[], T], write: bool) -> T:
+        """On the store's thread: `work` on a usable connection, which it leaves outside any transaction.
+
+        A write refused as read-only is tried once more on a new connection: the one it failed on may
+        have been opened while the disk was read-only, and would refuse every write after it is
+        writable again. Trying again is safe: a refused write did nothing (its transaction is rolled back).
+        """
+        if self._stale:
+            self._reconnect()
+        try:
+            return work()
+        except BaseException as exc:
+            self._after_failure(exc)
+            if not (write and self._stale and isinstance(exc, sqlite3.Error) and _is_read_only(exc)):
+                raise
+        self._reconnect()
+        try:
+            return work()
+        except BaseException as exc:
+            self._after_failure(exc)
+            raise
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """Leave no transaction open, and mark the connection for replacement where the failure may stick to it."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as again:
+                log.warning("could not roll back on the history database (%s); opening it again", again)
+                self._stale = True
+        if isinstance(exc, sqlite3.Error) and _sticks_to_connection(exc):
+            self._stale = True
+        if self.path == ":memory:":  # the data lives in this one connection: it is never replaced
+            self._stale = False
+
+    def _reconnect(self) -> None:
+        """Replace a connection that failed; if the file cannot be opened yet, the next call tries again."""
+        with suppress(sqlite3.Error):
+            self._db.close()
+        try:
+            self._open_connection()
+        except HistoryUnavailable as exc:
+            raise HistoryError(f"SQLite: {self.path} {exc}") from exc
+        self._stale = False
+        log.info("opened the history database %s again after a failure", self.path)
 
     def _get(self, conversation: Conversation) -> list[Turn]:
         rows = self._db.execute(
@@ -165,10 +240,9 @@ class SQLiteHistoryStore:
     async def snapshot(self, conversation: Conversation, user_id: int | None) -> Snapshot:
         def read() -> Snapshot:
             self._db.execute("BEGIN")  # one read transaction: turns and epochs from the same moment
-            try:
-                return Snapshot(self._get(conversation), self._epochs(conversation, user_id))
-            finally:
-                self._db.execute("COMMIT")
+            snapshot = Snapshot(self._get(conversation), self._epochs(conversation, user_id))
+            self._db.execute("COMMIT")  # on a failure `_call` rolls it back
+            return snapshot
 
         return await self._run(read)
 
@@ -196,7 +270,7 @@ class SQLiteHistoryStore:
                 )
                 return True
 
-        return await self._run(write)
+        return await self._run(write, write=True)
 
     async def _clear(self, scope: str, column: str, ident: int) -> int:
         def clear() -> int:
@@ -204,7 +278,7 @@ class SQLiteHistoryStore:
                 self._db.execute(_BUMP, (scope, ident))
                 return self._db.execute(f"DELETE FROM turns WHERE {column} = ?", (ident,)).rowcount
 
-        return await self._run(clear)
+        return await self._run(clear, write=True)
 
     async def reset(self, conversation: Conversation) -> int:
         return await self._clear("channel", "channel_id", conversation.channel_id)
@@ -234,6 +308,22 @@ class SQLiteHistoryStore:
         except sqlite3.Error as exc:
             log.warning("could not checkpoint the history database: %s", exc)
         self._db.close()
+
+
+def _is_read_only(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_READONLY
+    return any(words in str(exc).lower() for words in _READONLY_WORDS)
+
+
+def _sticks_to_connection(exc: sqlite3.Error) -> bool:
+    """Whether a new connection may succeed where this failure leaves the old one failing."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF in _REOPEN_AFTER
+    message = str(exc).lower()
+    return any(words in message for words in _REOPEN_AFTER_WORDS)
 
 
 def _connect(path: str) -> sqlite3.Connection:
