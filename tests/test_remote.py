@@ -256,7 +256,8 @@ async def test_a_request_that_fails_as_the_engine_closes_is_told_the_engine_clos
     await asyncio.wait_for(sent.wait(), 5)
     await engine.close()
     assert (await asyncio.wait_for(waiting, 5)).text == CLOSING_TEXT
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # The bot's own records: asyncio may log here an earlier test's httpx task collected after its loop closed.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("bot")]
 
 
 async def test_closing_tells_waiting_replies_the_engine_closed(chat: ChatService, fake: FakeOpenAI) -> None:
