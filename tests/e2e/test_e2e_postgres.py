@@ -49,6 +49,7 @@ async def test_a_reset_in_another_process_holds_during_a_reply(bot_factory: BotF
         await other_process.forget_user(w.member.id)  # ...when /forget-me runs in another process
         engine.gate.set()
         assert await asking == "re: a secret"  # Bob still gets his answer...
+        await harness.history.get(Conversation(w.general.id, w.guild_id))  # (once the bot has tried to store it)
         assert await other_process.get(Conversation(w.general.id, w.guild_id)) == []  # ...and it is not kept
     finally:
         await other_process.close()
