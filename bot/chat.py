@@ -82,18 +82,6 @@ class ChatService:
         stored, so the history holds nothing that nobody saw. Without `post` (the console) the
         caller shows what is returned.
         """
-        return await self._respond(conversation, user_id, text, speaker=speaker, on_partial=on_partial, post=post)
-
-    async def _respond(
-        self,
-        conversation: Conversation,
-        user_id: int | None,
-        text: str,
-        *,
-        speaker: str | None,
-        on_partial: Callable[[str], None] | None,
-        post: Post | None,
-    ) -> Reply:
         started = time.monotonic()
         self._in_flight += 1
         try:

@@ -20,7 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -234,10 +234,9 @@ async def test_sqlite_on_a_read_only_mount(tmp_path: Path) -> None:
             remount(disk, "rw")
 
 
-async def test_sqlite_on_a_read_only_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same with no mount, everywhere: while `read_only` is set, the store's connections open the
-    file as SQLite opens one it may not write (read-only, `mode=ro`)."""
-    path = tmp_path / "h.sqlite3"
+async def read_only_file(path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Store the earlier turns in `path`, then make the store's connections open it as SQLite opens a
+    file it may not write (read-only, `mode=ro`) until the returned function is called."""
     writer = await SQLiteHistoryStore.open(path, max_turns=1000)
     await store_earlier_turns(writer)
     await writer.close()
@@ -254,6 +253,14 @@ async def test_sqlite_on_a_read_only_file(tmp_path: Path, monkeypatch: pytest.Mo
         nonlocal read_only
         read_only = False
 
+    return make_writable
+
+
+async def test_sqlite_on_a_read_only_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with no mount, everywhere: while `read_only` is set, the store's connections open the
+    file as SQLite opens one it may not write (read-only, `mode=ro`)."""
+    path = tmp_path / "h.sqlite3"
+    make_writable = await read_only_file(path, monkeypatch)
     store = await SQLiteHistoryStore.open(path, max_turns=1000)
     try:
         await check_read_only_then_writable(store, path, make_writable)
@@ -267,24 +274,14 @@ async def test_a_user_on_a_read_only_disk_gets_replies_not_remembered(
     """Through `ChatService`: while the disk is read-only, answers still come (with the history read)
     and are not stored; once it is writable, the next one is, with no restart."""
     path = tmp_path / "h.sqlite3"
-    writer = await SQLiteHistoryStore.open(path, max_turns=1000)
-    await store_earlier_turns(writer)
-    await writer.close()
-    read_only = True
-
-    def connect(database: str, **kwargs: Any) -> sqlite3.Connection:
-        if read_only and database == str(path):
-            return REAL_CONNECT(f"file:{quote(database)}?mode=ro", uri=True, **kwargs)
-        return REAL_CONNECT(database, **kwargs)
-
-    monkeypatch.setattr(sqlite3, "connect", connect)
+    make_writable = await read_only_file(path, monkeypatch)
     store = await SQLiteHistoryStore.open(path, max_turns=1000)
     chat = ChatService(scripted_engine, store)
     try:
         assert await chat.respond(C, 7, "while read-only", speaker="Alice") == Reply("re: while read-only")
         assert scripted_engine.seen[-1] == [*EARLIER, Turn("user", "while read-only", "Alice")]
         assert await store.get(C) == EARLIER  # posted, not remembered
-        read_only = False
+        make_writable()
         assert await chat.respond(C, 7, "writable again", speaker="Alice") == Reply("re: writable again")
         assert await store.get(C) == [
             *EARLIER,
