@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bandwidth, continuous, memory, openloop, workload
-from bot.types import Turn
+from bot.core.types import Turn
 
 REPLY = 60  # tokens of the timed replies
 SPACING_S = 0.25

@@ -52,8 +52,8 @@ def _child(model_dir: str, mode: str) -> None:
         result["steady_rss_mb"] = proc_status_mb().get("VmRSS")
     else:
         from bench.workload import conversations
+        from bot.core.types import Turn
         from bot.engine import Engine, EngineConfig
-        from bot.types import Turn
 
         # serve_16x10x60: BlenderBot answers 16 conversations at once, 10 beams, 60 tokens;
         # chat_serve_16 (a chat model) and greedy_serve_16 (either family): 16 at once, greedy, 60 tokens.

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.workload import conversations, percentile
-from bot.types import Turn
+from bot.core.types import Turn
 
 Reply = Callable[[list[Turn]], Awaitable[str]]
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench.serve_overhead import free_port
-from bot.types import Turn
+from bot.core.types import Turn
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 900.0  # two replicas load (and quantize) the model at once on a small machine

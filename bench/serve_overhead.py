@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bot.types import Turn
+from bot.core.types import Turn
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY = [

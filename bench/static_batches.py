@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bot.core.types import Turn
 from bot.engine.device import prepare_model
 from bot.engine.loading import load_tokenizer_and_model
 from bot.engine.prompt import build_input_ids
-from bot.types import Turn
 
 
 class _BeamShared(nn.Module):

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.types import Turn
+from bot.core.types import Turn
 
 WORDS = (  # noqa: SIM905 - a word list reads and edits better as one string
     "hello there how are you today i am fine thank you what do you like to do for fun read books play "

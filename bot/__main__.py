@@ -19,12 +19,12 @@ import aiohttp
 import discord
 from aiohttp import web
 
-from bot.chat import ChatService
 from bot.client import ChatBot
-from bot.engine_api import EngineError, EngineSettingsError, ServingEngine
+from bot.core.chat import ChatService
+from bot.core.engine_api import EngineError, EngineSettingsError, ServingEngine
+from bot.core.types import Conversation
 from bot.history import HistoryStore, HistoryUnavailable, open_store, redact
 from bot.metrics import Metrics, MetricsPortError, serve_metrics
-from bot.types import Conversation
 from config.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("bot")

@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.types import Conversation
+from bot.core.types import Conversation
 
 if TYPE_CHECKING:
     from bot.client import ChatBot

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.chat import CLOSING_TEXT, ERROR_TEXT
-from bot.streaming import POST_ERRORS, StreamingReply, split_message
-from bot.types import Conversation, Reply
+from bot.client.streaming import POST_ERRORS, StreamingReply, split_message
+from bot.core.chat import CLOSING_TEXT, ERROR_TEXT
+from bot.core.types import Conversation, Reply
 
 if TYPE_CHECKING:
     from bot.client import ChatBot

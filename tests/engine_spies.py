@@ -7,8 +7,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from bot.core.types import Turn
 from bot.engine import Engine
-from bot.types import Turn
 
 
 def record_tokens(engine: Engine) -> list[list[int]]:

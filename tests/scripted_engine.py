@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat import ChatService
+from bot.core.chat import ChatService
+from bot.core.types import Turn
 from bot.engine import EngineStats
 from bot.history.sqlite import SQLiteHistoryStore
-from bot.types import Turn
 
 
 class ScriptedEngine:

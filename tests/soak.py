@@ -60,7 +60,7 @@ import yarl
 from discord.gateway import DiscordWebSocket
 
 from bot.__main__ import run_discord
-from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
+from bot.core.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
 from tests.fake_discord import QUIET, FakeDiscord, bot_settings
 from tests.fake_discord.world import Channel, Member, User
 from tests.tiny_model import CORPUS, build_tiny_model

@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
+from bot.core.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
+from bot.core.types import Conversation, Reply, Turn
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
-from bot.types import Conversation, Reply, Turn
 from tests.scripted_engine import ScriptedEngine
 
 A = Conversation(1, 100)

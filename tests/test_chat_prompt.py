@@ -13,6 +13,7 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
+from bot.core.types import Turn
 from bot.engine.chat_prompt import (
     build_chat_ids,
     chat_messages,
@@ -22,7 +23,6 @@ from bot.engine.chat_prompt import (
     template_kwargs,
     visible_so_far,
 )
-from bot.types import Turn
 from tests.tiny_causal_model import CHATML, build_tiny_causal_model
 from tests.tiny_model import CORPUS
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import discord
 import pytest
 
-from bot.chat import ChatService
 from bot.client import ChatBot
+from bot.core.chat import ChatService
 from bot.history.sqlite import SQLiteHistoryStore
 from config.settings import Settings
 from tests.scripted_engine import ScriptedEngine

@@ -12,11 +12,11 @@ import discord
 import pytest
 from discord import app_commands
 
-from bot.chat import CLOSING_TEXT, ChatService
 from bot.client import answer_command_error
+from bot.client.streaming import split_message
+from bot.core.chat import CLOSING_TEXT, ChatService
+from bot.core.types import Conversation, Turn
 from bot.engine import Engine
-from bot.streaming import split_message
-from bot.types import Conversation, Turn
 from cogs.admin import Admin, manage_messages_or_dm
 from cogs.chat import (
     ATTACHMENT_ONLY_TEXT,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from bot.core.types import Turn
 from bot.engine import Engine, EngineClosed, EngineError, GenerationTimeout
 from bot.engine.scheduler import Request
-from bot.types import Turn
 from tests.conftest import engine_config
 
 

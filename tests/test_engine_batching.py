@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from bot.chat import BUSY_TEXT, ChatService
+from bot.core.chat import BUSY_TEXT, ChatService
+from bot.core.types import Conversation, Turn
 from bot.engine import Engine, EngineBusy
 from bot.history.sqlite import SQLiteHistoryStore
-from bot.types import Conversation, Turn
 from tests.conftest import engine_config
 
 PROMPTS = [

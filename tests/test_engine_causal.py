@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+from bot.core.types import Turn
 from bot.engine import Engine, EngineConfig
-from bot.types import Turn
 from tests.engine_spies import join_mid_reply, record_tokens
 
 HISTORIES = [

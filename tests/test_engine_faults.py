@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from bot import engine as engine_module
-from bot.chat import ERROR_TEXT, ChatService
+from bot.core.chat import ERROR_TEXT, ChatService
+from bot.core.types import Conversation, Turn
 from bot.engine import Engine, EngineError, EngineSettingsError, GenerationTimeout
 from bot.engine import scheduler as scheduler_module
 from bot.history.sqlite import SQLiteHistoryStore
 from bot.metrics import Metrics
-from bot.types import Conversation, Turn
 from tests.conftest import engine_config
 
 HELLO = [Turn("user", "hello there")]

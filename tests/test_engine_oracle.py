@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from bot.core.types import Turn
 from bot.engine import Engine
-from bot.types import Turn
 from tests.conftest import engine_config
 from tests.engine_spies import join_mid_reply, record_tokens
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.core.types import Conversation, Turn
 from bot.history import Epochs, HistoryError, HistoryStore, HistoryUnavailable, NewerSchema, open_store
 from bot.history.sqlite import SCHEMA_VERSION, SQLiteHistoryStore
-from bot.types import Conversation, Turn
 
 A = Conversation(channel_id=1, guild_id=100)
 B = Conversation(channel_id=2, guild_id=100)
@@ -247,7 +247,7 @@ async def test_sqlite_work_runs_off_the_event_loop(tmp_path: Path) -> None:
 WRITER = """
 import asyncio, sys
 from bot.history import open_store
-from bot.types import Conversation, Turn
+from bot.core.types import Conversation, Turn
 async def main():
     store = await open_store(sys.argv[1], max_turns=100000)
     i = 0

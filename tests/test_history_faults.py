@@ -28,10 +28,10 @@ from urllib.parse import quote
 
 import pytest
 
-from bot.chat import ERROR_TEXT, ChatService
+from bot.core.chat import ERROR_TEXT, ChatService
+from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore, open_store
 from bot.history.sqlite import SQLiteHistoryStore
-from bot.types import Conversation, Reply, Turn
 from tests.postgres import PostgresServer
 from tests.scripted_engine import ScriptedEngine
 
@@ -185,7 +185,7 @@ async def test_sqlite_at_its_max_page_count(tmp_path: Path) -> None:
 CRASHING_WRITER = """
 import asyncio, os, sys
 from bot.history import open_store
-from bot.types import Conversation, Turn
+from bot.core.types import Conversation, Turn
 async def main():
     store = await open_store(sys.argv[1], max_turns=1000)
     await store.append(Conversation(1, 100), 7, Turn("user", "first question", "Alice"), Turn("bot", "first answer"))

@@ -8,9 +8,9 @@ import socket
 import psycopg
 import pytest
 
+from bot.core.types import Conversation, Turn
 from bot.history import HistoryUnavailable, NewerSchema, open_store, redact
 from bot.history.postgres import SCHEMA_VERSION
-from bot.types import Conversation, Turn
 from tests.postgres import PASSWORD, PostgresServer
 
 

@@ -23,10 +23,10 @@ from bot.__main__ import (
     console_command,
     setup_logging,
 )
-from bot.chat import ChatService
+from bot.core.chat import ChatService
+from bot.core.types import Conversation, Turn
 from bot.engine import Engine
 from bot.history import open_store
-from bot.types import Conversation, Turn
 from tests.scripted_engine import ScriptedEngine
 
 ROOT = Path(__file__).resolve().parent.parent

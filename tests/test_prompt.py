@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from bot.core.types import Turn
 from bot.engine.prompt import build_input_ids, format_turns
-from bot.types import Turn
 
 EOS = 2
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bot.chat import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
-from bot.engine_api import EngineClosed, EngineError
+from bot.core.chat import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
+from bot.core.engine_api import EngineClosed, EngineError
+from bot.core.types import Conversation, Turn
 from bot.remote import CONTEXT_RETRIES, RemoteConfig, RemoteEngine
-from bot.types import Conversation, Turn
 from tests.fake_openai import MODEL_ID, FakeOpenAI
 
 HERE = Conversation(channel_id=7, guild_id=1)
@@ -236,7 +236,7 @@ async def test_a_request_that_fails_as_the_engine_closes_is_told_the_engine_clos
 ) -> None:
     """A request already on its way when close() cancels it can end with the closed client's error instead
     of the cancellation (found by the scaled soak): that is a closed engine too, not a bug to log."""
-    from bot.chat import CLOSING_TEXT
+    from bot.core.chat import CLOSING_TEXT
 
     engine = RemoteEngine(config(fake))
     await engine.start()
@@ -261,7 +261,7 @@ async def test_a_request_that_fails_as_the_engine_closes_is_told_the_engine_clos
 
 
 async def test_closing_tells_waiting_replies_the_engine_closed(chat: ChatService, fake: FakeOpenAI) -> None:
-    from bot.chat import CLOSING_TEXT
+    from bot.core.chat import CLOSING_TEXT
 
     fake.mode = "hang"
     engine = RemoteEngine(config(fake))

@@ -17,10 +17,10 @@ import aiohttp
 import openai
 import pytest
 
+from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.core.types import Turn
 from bot.engine import Engine
-from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout
 from bot.remote import RemoteConfig, RemoteEngine
-from bot.types import Turn
 from tests.conftest import engine_config
 from tests.serve_app import ServeApp, replica_processes
 
@@ -189,7 +189,7 @@ async def test_metrics_count_the_replicas_replies(serve_app: ServeApp, client: o
 
 
 def test_engine_errors_map_to_statuses() -> None:
-    from bot.serve import engine_error
+    from bot.serve.app import engine_error
 
     assert engine_error(EngineBusy("full"))[:1] == (429,)
     assert engine_error(GenerationTimeout("late"))[:1] == (504,)
@@ -198,7 +198,7 @@ def test_engine_errors_map_to_statuses() -> None:
 
 
 def test_parse_messages_turns_and_system_prompt() -> None:
-    from bot.serve import parse_messages
+    from bot.serve.app import parse_messages
 
     turns, system = parse_messages(
         [*MESSAGES[:2], {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, *MESSAGES[2:]]

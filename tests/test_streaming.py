@@ -11,7 +11,7 @@ from typing import Any
 import discord
 import pytest
 
-from bot.streaming import CUT_OFF_NOTE, StreamingReply, has_sentence, split_message
+from bot.client.streaming import CUT_OFF_NOTE, StreamingReply, has_sentence, split_message
 
 INTERVAL = 1.2
 

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bot.core.engine_api import EngineStats, percentile
+from bot.core.types import Turn
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
 from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
 from bot.engine.prompt import build_input_ids
-from bot.engine_api import EngineStats, percentile
-from bot.types import Turn
 
 __all__ = [
     "Engine",

@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from bot.types import Turn
+from bot.core.types import Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

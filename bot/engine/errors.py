@@ -1,5 +1,5 @@
-"""What the engine raises to its callers (defined in the torch-free `bot.engine_api`)."""
+"""What the engine raises to its callers (defined in the torch-free `bot.core.engine_api`)."""
 
-from bot.engine_api import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
+from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
 
 __all__ = ["EngineBusy", "EngineClosed", "EngineError", "EngineSettingsError", "GenerationTimeout"]

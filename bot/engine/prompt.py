@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from bot.types import Turn
+from bot.core.types import Turn
 
 Encode = Callable[[str], list[int]]
 

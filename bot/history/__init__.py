@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from bot.types import Conversation, Turn
+from bot.core.types import Conversation, Turn
 
 POSTGRES_URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 

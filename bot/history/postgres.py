@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from bot.core.types import Conversation, Turn
 from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, redact
-from bot.types import Conversation, Turn
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
+from bot.core.types import Conversation, Turn
 from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot
-from bot.types import Conversation, Turn
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.chat import CLOSING_TEXT, ERROR_TEXT
+from bot.core.chat import CLOSING_TEXT, ERROR_TEXT
+from bot.core.types import Conversation, Turn
 from bot.engine.seq2seq import Seq2SeqRunner
-from bot.types import Conversation, Turn
 from cogs.chat import ATTACHMENT_ONLY_TEXT, COOLDOWN_TEXT, EMPTY_MENTION_TEXT
 from tests.fake_discord import QUIET, BotFactory, BotHarness, FakeDiscord
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bot.types import Conversation, Turn
+from bot.core.types import Conversation, Turn
 from tests.fake_discord import BotFactory, BotHarness
 
 SYSTEM = "You are the test bot of this server."

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.types import Conversation, Turn
+from bot.core.types import Conversation, Turn
 from tests.fake_discord import BotFactory, BotHarness, CommandNotAvailable, FakeDiscord
 
 EPHEMERAL = 64

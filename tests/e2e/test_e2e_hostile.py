@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bot.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
-from bot.types import Conversation, Turn
+from bot.core.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
+from bot.core.types import Conversation, Turn
 from cogs.chat import ATTACHMENT_ONLY_TEXT, EMPTY_MENTION_TEXT
 from tests.fake_discord import BotFactory
 

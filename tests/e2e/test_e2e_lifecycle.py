@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from bot.chat import CLOSING_TEXT, TIMEOUT_TEXT
+from bot.core.chat import CLOSING_TEXT, TIMEOUT_TEXT
+from bot.core.types import Conversation, Turn
 from bot.engine.seq2seq import Seq2SeqRunner
-from bot.types import Conversation, Turn
 from cogs.chat import COOLDOWN_TEXT
 from tests.e2e.processes import launch
 from tests.fake_discord import QUIET, BotFactory, BotHarness, FakeDiscord

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+from bot.core.types import Conversation, Turn
 from bot.history import open_store
-from bot.types import Conversation, Turn
 from tests.fake_discord import BotFactory
 from tests.scripted_engine import ScriptedEngine
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bot.types import Conversation, Turn
+from bot.core.types import Conversation, Turn
 from tests.e2e.processes import launch
 from tests.fake_discord import BotHarness, FakeDiscord
 

@@ -11,8 +11,8 @@ import signal
 import time
 from pathlib import Path
 
+from bot.core.types import Turn
 from bot.engine import Engine, EngineConfig
-from bot.types import Turn
 from tests.e2e.processes import launch
 from tests.fake_discord import FakeDiscord
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from bot.core.types import Turn
 from bot.engine import Engine
 from bot.remote import RemoteConfig, RemoteEngine
-from bot.types import Turn
 from tests.conftest import engine_config
 from tests.fake_discord import BotFactory
 from tests.serve_app import ServeApp

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from bot.streaming import CUT_OFF_NOTE, EDIT_INTERVAL_SECONDS, split_message
-from bot.types import Conversation, Turn
+from bot.client.streaming import CUT_OFF_NOTE, EDIT_INTERVAL_SECONDS, split_message
+from bot.core.types import Conversation, Turn
 from tests.fake_discord import BotFactory, BotHarness, FakeDiscord
 from tests.fake_discord.harness import quiet
 from tests.scripted_engine import ScriptedEngine

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.chat import ChatService
 from bot.client import ChatBot
+from bot.core.chat import ChatService
 from bot.engine import Engine, EngineConfig
 from bot.history import HistoryStore, open_store
 from config.settings import Settings

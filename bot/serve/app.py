@@ -42,9 +42,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
+from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.core.types import Turn
 from bot.engine import Engine, EngineConfig
-from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout
-from bot.serve_metrics import (
+from bot.serve.metrics import (
     BOARD_NAME,
     BOARD_NAMESPACE,
     REPORT_INTERVAL_S,
@@ -54,7 +55,6 @@ from bot.serve_metrics import (
     reply_kind,
     serve_board_metrics,
 )
-from bot.types import Turn
 from config.settings import SETTING_KEYS, Settings, SettingsError, load_settings
 
 log = logging.getLogger("bot.serve")
@@ -441,10 +441,3 @@ def main(argv: list[str] | None = None, *, until: Callable[[], None] = wait_for_
         finally:
             ray.shutdown()
     return 0
-
-
-if __name__ == "__main__":
-    # Run the module's own copy: Ray replicas then import `bot.serve` instead of unpickling `__main__`.
-    from bot.serve import main as serve_main
-
-    sys.exit(serve_main())

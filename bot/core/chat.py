@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from bot.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout, ReplyEngine
+from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout, ReplyEngine
+from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore
 from bot.metrics import Metrics
-from bot.types import Conversation, Reply, Turn
 
 log = logging.getLogger(__name__)
 

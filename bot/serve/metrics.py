@@ -28,9 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bot.engine_api import EngineBusy, EngineClosed, EngineStats, GenerationTimeout
+from bot.core.engine_api import EngineBusy, EngineClosed, EngineStats, GenerationTimeout
+from bot.core.types import ReplyKind
 from bot.metrics import LATENCY_BUCKETS, REPLY_KINDS
-from bot.types import ReplyKind
 
 log = logging.getLogger(__name__)
 

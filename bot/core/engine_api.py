@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bot.types import Turn
+from bot.core.types import Turn
 
 __all__ = [
     "EngineBusy",

@@ -10,7 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.chat import ChatService
+from bot.core.chat import ChatService
 from config.settings import Settings
 
 log = logging.getLogger(__name__)

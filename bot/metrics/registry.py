@@ -2,7 +2,7 @@
 
 `Metrics` holds its own `CollectorRegistry`, so several bots in one process (the tests) or a serving
 app that mounts it never mix their numbers. Counters and the latency histogram are updated where
-replies are produced (`bot/chat.py`); the gauges are read at scrape time from the sources bound with
+replies are produced (`bot/core/chat.py`); the gauges are read at scrape time from the sources bound with
 `watch_engine` and `watch_gateway`, so nothing polls in the background.
 
 `serve_metrics` starts a small aiohttp app on the running event loop with `/metrics` (Prometheus
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bot.types import ReplyKind
+from bot.core.types import ReplyKind
 
 REPLY_KINDS: tuple[ReplyKind, ...] = ("ok", "busy", "timeout", "error", "closing", "empty")
 

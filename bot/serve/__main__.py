@@ -1,0 +1,7 @@
+"""`python -m bot.serve`: start Ray on this machine and serve the model until Ctrl-C or SIGTERM."""
+
+import sys
+
+from bot.serve.app import main
+
+sys.exit(main())
