@@ -13,16 +13,9 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
+from bot.core.messages import chat_messages, strip_think, visible_so_far
 from bot.core.types import Turn
-from bot.engine.chat_prompt import (
-    build_chat_ids,
-    chat_messages,
-    has_chat_template,
-    render_chat_ids,
-    strip_think,
-    template_kwargs,
-    visible_so_far,
-)
+from bot.engine.chat_prompt import build_chat_ids, has_chat_template, render_chat_ids, template_kwargs
 from tests.tiny_causal_model import CHATML, build_tiny_causal_model
 from tests.tiny_model import CORPUS
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.core.engine_api import EngineStats, percentile
+from bot.core.partial import GrowingText
 from bot.core.types import Turn
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
 from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
@@ -185,6 +186,10 @@ class Engine:
             self.max_input_tokens,
         )
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is to this model, without special tokens (the server's usage counts)."""
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
     @property
     def can_stream(self) -> bool:
         """Whether replies come out word by word (greedy decoding); beam search settles only at the end."""
@@ -239,17 +244,15 @@ class Engine:
         self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str], on_partial: Callable[[str], None]
     ) -> Callable[[list[int]], None]:
         """A progress callback for the engine thread: decodes on the event loop, reports new text only."""
-        said = ""
+        said = GrowingText()
 
         def report(tokens: list[int]) -> None:
-            nonlocal said
             if future.done():
                 return  # the final answer (or an error) is already out
             text = self._visible(self._tokenizer.decode(tokens, skip_special_tokens=True)).lstrip()
             # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
-            if text.endswith("\ufffd") or not text.startswith(said) or not text.strip() or text == said:
+            if text.endswith("\ufffd") or not text.strip() or said.advance(text) is None:
                 return
-            said = text
             on_partial(text.rstrip())
 
         def progress(tokens: list[int]) -> None:  # on the engine thread
@@ -372,7 +375,7 @@ class Engine:
         text = self._tokenizer.decode(ids, skip_special_tokens=True)
         if not self._chat_template:
             return text.strip()
-        from bot.engine.chat_prompt import strip_think
+        from bot.core.messages import strip_think
 
         return strip_think(text)
 
@@ -380,7 +383,7 @@ class Engine:
         """What may be shown of a reply still being written (nothing of an unfinished `<think>` block)."""
         if not self._chat_template:
             return text
-        from bot.engine.chat_prompt import visible_so_far
+        from bot.core.messages import visible_so_far
 
         return visible_so_far(text)
 

@@ -90,6 +90,7 @@ def _load(name: str, *, local_files_only: bool, failed: str = "") -> tuple[Any, 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from bot.engine.causal import UnsupportedModel, check_supported
+    from bot.engine.chat_prompt import has_chat_template
 
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
@@ -106,7 +107,7 @@ def _load(name: str, *, local_files_only: bool, failed: str = "") -> tuple[Any, 
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
         if config.is_encoder_decoder:
             auto: Any = AutoModelForSeq2SeqLM
-        elif getattr(tokenizer, "chat_template", None):
+        elif has_chat_template(tokenizer):
             auto = AutoModelForCausalLM
         else:
             raise NotAChatModel("it has no chat template, so there is no way to turn a conversation into its prompt")

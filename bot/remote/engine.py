@@ -37,8 +37,8 @@ from typing import Any
 import openai
 
 from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, EngineStats, GenerationTimeout, percentile
+from bot.core.messages import chat_messages, strip_think, visible_so_far
 from bot.core.types import Turn
-from bot.engine.chat_prompt import chat_messages, strip_think, visible_so_far
 
 log = logging.getLogger(__name__)
 

@@ -268,7 +268,7 @@ class ChatEngine:
 
     def _usage(self, prompt: list[int], text: str) -> dict[str, int]:
         """Token counts; the reply's are its text tokenized again (the engine hands back text)."""
-        completion = len(self.engine._tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        completion = self.engine.count_tokens(text)
         return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
 
     async def _stream(self, prompt: list[int], usage_wanted: bool) -> Response:
