@@ -14,7 +14,7 @@ import discord
 from discord.ext import commands
 
 from bot.client.streaming import POST_ERRORS, StreamingReply, split_message
-from bot.core.chat import CLOSING_TEXT, ERROR_TEXT
+from bot.core.outcomes import CLOSING, ERROR_TEXT
 from bot.core.types import Conversation, Reply
 
 if TYPE_CHECKING:
@@ -115,8 +115,7 @@ class Chat(commands.Cog):
 
     async def answer(self, message: discord.Message) -> None:
         if not self.bot.accepting:
-            self.bot.chat.metrics.count_reply("closing")  # told without reaching the chat service
-            await self.send(message, CLOSING_TEXT)
+            await self.send(message, self.bot.chat.turn_away(CLOSING).text)
             return
         text = self.text_for_model(message)
         if not text:

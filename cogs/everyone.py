@@ -38,7 +38,7 @@ class Everyone(commands.Cog):
     @app_commands.command(name="stats", description="How the bot is doing: model, queue, speed, uptime.")
     @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=False)
     async def stats(self, interaction: discord.Interaction) -> None:
-        s = self.bot.chat.engine.stats()
+        s = self.bot.chat.engine_stats()
         tps = "n/a" if s.tokens_per_second is None else f"{s.tokens_per_second:.1f}"
         lines = [
             f"**Model:** `{s.model}` on {s.device} ({s.precision})",

@@ -6,7 +6,7 @@ does not collect it (no test functions, and the name does not match `test_*.py`)
 scaled: two sharded bot processes, PostgreSQL and the Ray Serve app, see tests/soak_scaled.py).
 
 What it does. A fake Discord on loopback holds 20 text channels and 10 people, each with a DM: 30
-conversations. The real bot runs in this process through `bot.__main__.run_discord` (the product's
+conversations. The real bot runs in this process through `bot.client.run.run_discord` (the product's
 own startup and graceful shutdown; SIGTERM is raised in-process to stop it), on the tiny random
 Blenderbot (greedy, 8 new tokens) built at start. People write in bursts: a burst picks conversations
 at random and sends one to three messages to each, interleaved; the next burst starts while the
@@ -59,8 +59,8 @@ import psutil
 import yarl
 from discord.gateway import DiscordWebSocket
 
-from bot.__main__ import run_discord
-from bot.core.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
+from bot.client.run import run_discord
+from bot.core.outcomes import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
 from tests.fake_discord import QUIET, FakeDiscord, bot_settings
 from tests.fake_discord.world import Channel, Member, User
 from tests.tiny_model import CORPUS, build_tiny_model
@@ -104,7 +104,7 @@ class LogWatch(logging.Handler):
         message = record.getMessage()
         if record.levelno >= logging.ERROR:
             self.errors.append(f"{record.name}: {message}")
-        if record.name == "bot.client" and message.startswith("logged in as"):
+        if record.name.startswith("bot.client") and message.startswith("logged in as"):
             self.logins += 1
         if record.name == "bot" and message.startswith("stopping:"):
             self.stops += 1
@@ -276,7 +276,7 @@ class Soak:
             messages = conv.channel.messages
             for mid in [m for m in messages if str(m) not in self.pending and self.post_time.get(str(m), 0) < recent]:
                 del messages[mid]
-        for session in fake._sessions.values():
+        for session in fake.gateway.sessions.values():
             if len(session.log) > 500:
                 del session.log[:-500]
 

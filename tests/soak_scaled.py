@@ -70,7 +70,7 @@ import psutil
 import psycopg
 
 from bot.client.streaming import CUT_OFF_NOTE
-from bot.core.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
+from bot.core.outcomes import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
 from tests.e2e.processes import BotProcess, launch
 from tests.fake_discord import FakeDiscord
 from tests.fake_discord.world import shard_of

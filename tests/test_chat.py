@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from bot.core.chat import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
+from bot.core.chat import ChatService
+from bot.core.outcomes import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
 from bot.core.types import Conversation, Reply, Turn
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
 from tests.scripted_engine import ScriptedEngine

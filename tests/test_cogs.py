@@ -14,7 +14,8 @@ from discord import app_commands
 
 from bot.client import answer_command_error
 from bot.client.streaming import split_message
-from bot.core.chat import CLOSING_TEXT, ChatService
+from bot.core.chat import ChatService
+from bot.core.outcomes import CLOSING_TEXT
 from bot.core.types import Conversation, Turn
 from bot.engine import Engine
 from cogs.admin import Admin, manage_messages_or_dm

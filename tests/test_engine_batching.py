@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from bot.core.chat import BUSY_TEXT, ChatService
+from bot.core.chat import ChatService
+from bot.core.outcomes import BUSY_TEXT
 from bot.core.types import Conversation, Turn
 from bot.engine import Engine, EngineBusy
 from bot.history.sqlite import SQLiteHistoryStore

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from bot import engine as engine_module
-from bot.core.chat import ERROR_TEXT, ChatService
+from bot.core.chat import ChatService
+from bot.core.outcomes import ERROR_TEXT
 from bot.core.types import Conversation, Turn
 from bot.engine import Engine, EngineError, EngineSettingsError, GenerationTimeout
 from bot.engine import scheduler as scheduler_module

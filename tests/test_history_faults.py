@@ -28,7 +28,8 @@ from urllib.parse import quote
 
 import pytest
 
-from bot.core.chat import ERROR_TEXT, ChatService
+from bot.core.chat import ChatService
+from bot.core.outcomes import ERROR_TEXT
 from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore, open_store
 from bot.history.sqlite import SQLiteHistoryStore

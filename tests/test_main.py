@@ -14,15 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.__main__ import (
-    CONSOLE_HELP,
-    CONSOLE_UNKNOWN,
-    HTTP_LOGGERS,
-    LIBRARY_LOGGERS,
-    console_answer,
-    console_command,
-    setup_logging,
-)
+from bot.__main__ import HTTP_LOGGERS, LIBRARY_LOGGERS, setup_logging
+from bot.console import CONSOLE_HELP, CONSOLE_UNKNOWN, console_answer, console_command
 from bot.core.chat import ChatService
 from bot.core.types import Conversation, Turn
 from bot.engine import Engine

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.core.chat import ChatService
+from bot.core.outcomes import REPLY_KINDS
 from bot.core.types import Conversation
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
 from bot.history import HistoryError
-from bot.metrics import REPLY_KINDS, Metrics, MetricsPortError, serve_metrics
+from bot.metrics import Metrics, MetricsPortError, serve_metrics
 from tests.scripted_engine import ScriptedEngine
 
 A = Conversation(1, 100)

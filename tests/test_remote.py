@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bot.core.chat import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT, ChatService
+from bot.core.chat import ChatService
 from bot.core.engine_api import EngineClosed, EngineError
+from bot.core.outcomes import BUSY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
 from bot.core.types import Conversation, Turn
 from bot.remote import CONTEXT_RETRIES, RemoteConfig, RemoteEngine
 from tests.fake_openai import MODEL_ID, FakeOpenAI
@@ -209,7 +210,7 @@ async def test_stats(remote: RemoteEngine) -> None:
 
 
 def test_the_entrypoint_builds_the_remote_engine_only_with_engine_url(fake: FakeOpenAI) -> None:
-    from bot.__main__ import build_engine
+    from bot.launch import build_engine
     from config.settings import load_settings
 
     remote = build_engine(load_settings({"ENGINE_URL": fake.url, "ENGINE_MODEL": "m"}, env_file=None))
@@ -218,7 +219,7 @@ def test_the_entrypoint_builds_the_remote_engine_only_with_engine_url(fake: Fake
 
 
 async def test_a_refused_key_stops_the_entrypoint_with_one_line(fake: FakeOpenAI) -> None:
-    from bot.__main__ import ExitCode, build_engine, start_engine
+    from bot.launch import ExitCode, build_engine, start_engine
     from config.settings import load_settings
 
     fake.api_key_wanted = "right"
@@ -236,7 +237,7 @@ async def test_a_request_that_fails_as_the_engine_closes_is_told_the_engine_clos
 ) -> None:
     """A request already on its way when close() cancels it can end with the closed client's error instead
     of the cancellation (found by the scaled soak): that is a closed engine too, not a bug to log."""
-    from bot.core.chat import CLOSING_TEXT
+    from bot.core.outcomes import CLOSING_TEXT
 
     engine = RemoteEngine(config(fake))
     await engine.start()
@@ -261,7 +262,7 @@ async def test_a_request_that_fails_as_the_engine_closes_is_told_the_engine_clos
 
 
 async def test_closing_tells_waiting_replies_the_engine_closed(chat: ChatService, fake: FakeOpenAI) -> None:
-    from bot.core.chat import CLOSING_TEXT
+    from bot.core.outcomes import CLOSING_TEXT
 
     fake.mode = "hang"
     engine = RemoteEngine(config(fake))

@@ -189,7 +189,7 @@ async def test_metrics_count_the_replicas_replies(serve_app: ServeApp, client: o
 
 
 def test_engine_errors_map_to_statuses() -> None:
-    from bot.serve.app import engine_error
+    from bot.serve.openai_api import engine_error
 
     assert engine_error(EngineBusy("full"))[:1] == (429,)
     assert engine_error(GenerationTimeout("late"))[:1] == (504,)
@@ -198,7 +198,7 @@ def test_engine_errors_map_to_statuses() -> None:
 
 
 def test_parse_messages_turns_and_system_prompt() -> None:
-    from bot.serve.app import parse_messages
+    from bot.serve.openai_api import parse_messages
 
     turns, system = parse_messages(
         [*MESSAGES[:2], {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, *MESSAGES[2:]]

@@ -8,7 +8,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, GenerationTimeout, ReplyEngine
+from bot.core.engine_api import EngineError, EngineStats, ReplyEngine
+from bot.core.outcomes import BUSY, EMPTY, FAILED, Outcome, outcome_of
 from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore
 from bot.metrics import Metrics
@@ -18,11 +19,11 @@ log = logging.getLogger(__name__)
 # Shows a reply to the people in the conversation; True once they can see all of it.
 Post = Callable[[Reply], Awaitable[bool]]
 
-BUSY_TEXT = "I'm busy with a lot of conversations right now. Please try again in a moment."
-TIMEOUT_TEXT = "Sorry, that took me too long to think about. Could you try again, maybe in fewer words?"
-ERROR_TEXT = "Sorry, something went wrong on my side and I couldn't answer. Please try again."
-CLOSING_TEXT = "I'm restarting right now, so I can't answer this one. Please ask again in a minute."
-EMPTY_REPLY_TEXT = "I'm not sure what to say to that. Could you tell me more?"
+
+def notice(outcome: Outcome) -> Reply:
+    """What the chat service says instead of an answer, for `outcome`."""
+    assert outcome.notice is not None, outcome
+    return Reply(outcome.notice, ok=False, kind=outcome.kind)
 
 
 class ChatService:
@@ -122,25 +123,22 @@ class ChatService:
         except HistoryError:
             log.exception("could not read the history of channel %s", conversation.channel_id)
             self.metrics.history_errors.inc()
-            return Reply(ERROR_TEXT, ok=False), None
+            return notice(FAILED), None
         turns = snapshot.turns + [Turn("user", text, speaker)]
         try:
             answer = await self.engine.reply(turns, on_partial)
-        except EngineBusy:
-            log.warning("queue full; told channel %s to try again", conversation.channel_id)
-            return Reply(BUSY_TEXT, ok=False, kind="busy"), None
-        except GenerationTimeout:
-            return Reply(TIMEOUT_TEXT, ok=False, kind="timeout"), None
-        except EngineClosed:
-            return Reply(CLOSING_TEXT, ok=False, kind="closing"), None
-        except EngineError as exc:  # the engine has logged the details (or they are all here)
-            log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
-            return Reply(ERROR_TEXT, ok=False), None
+        except EngineError as exc:
+            outcome = outcome_of(exc)
+            if outcome is BUSY:
+                log.warning("queue full; told channel %s to try again", conversation.channel_id)
+            elif outcome is FAILED:  # the engine has logged the details (or they are all here)
+                log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
+            return notice(outcome), None
         except Exception:  # a bug: the traceback is what a developer needs
             log.exception("the engine failed to answer in channel %s", conversation.channel_id)
-            return Reply(ERROR_TEXT, ok=False), None
+            return notice(FAILED), None
         if not answer.strip():
-            return Reply(EMPTY_REPLY_TEXT, ok=False, kind="empty"), None
+            return notice(EMPTY), None
 
         async def store(reply: Reply) -> None:
             try:
@@ -175,6 +173,15 @@ class ChatService:
                 del self._locks[channel_id]
             else:
                 self._locks[channel_id] = (lock, users - 1)
+
+    def turn_away(self, outcome: Outcome) -> Reply:
+        """The notice for a message answered without asking the engine (the bot is stopping), counted as such."""
+        self.metrics.count_reply(outcome.kind)
+        return notice(outcome)
+
+    def engine_stats(self) -> EngineStats:
+        """The engine's numbers (model, queue, latency), for /stats."""
+        return self.engine.stats()
 
     async def reset(self, conversation: Conversation) -> int:
         """Forget one conversation, here and in every process sharing the history; raises `HistoryError`."""

@@ -1,31 +1,25 @@
-"""Prometheus metrics and readiness: what a bot process (or a model server) exports over HTTP.
+"""Prometheus metrics and readiness: what a bot process (or a model server's replica) counts.
 
 `Metrics` holds its own `CollectorRegistry`, so several bots in one process (the tests) or a serving
 app that mounts it never mix their numbers. Counters and the latency histogram are updated where
 replies are produced (`bot/core/chat.py`); the gauges are read at scrape time from the sources bound with
 `watch_engine` and `watch_gateway`, so nothing polls in the background.
 
-`serve_metrics` starts a small aiohttp app on the running event loop with `/metrics` (Prometheus
-text format), `/ready` (200 once every readiness check passes, 503 with the reasons otherwise) and
-`/health` (200 while the process answers at all). An app of another kind (such as a Ray Serve
-deployment) can reuse `Metrics.render()` and `Metrics.readiness()` for its own routes.
+`bot.metrics.endpoint` serves `render()` and `readiness()` over HTTP.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from bot.core.outcomes import REPLY_KINDS
 from bot.core.types import ReplyKind
-
-REPLY_KINDS: tuple[ReplyKind, ...] = ("ok", "busy", "timeout", "error", "closing", "empty")
 
 # Reply latency buckets (seconds): a CPU reply takes from well under a second to a minute (the timeout).
 LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
@@ -45,10 +39,6 @@ class EngineLoad(Protocol):
 
     @property
     def tokens_per_second(self) -> float | None: ...
-
-
-class MetricsPortError(Exception):
-    """The metrics port could not be opened; the message is one line naming METRICS_PORT."""
 
 
 class Metrics:
@@ -151,45 +141,3 @@ class _LiveCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return []  # the gauges depend on what is bound; nothing to check against other collectors
-
-
-def metrics_app(metrics: Metrics) -> web.Application:
-    """`/metrics`, `/ready` and `/health` as an aiohttp app."""
-
-    async def scrape(request: web.Request) -> web.Response:
-        body, content_type = metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def ready(request: web.Request) -> web.Response:
-        reasons = metrics.readiness()
-        if reasons:
-            return web.Response(status=503, text="not ready: " + "; ".join(reasons) + "\n")
-        return web.Response(text="ready\n")
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", scrape)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/health", health)
-    return app
-
-
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> web.AppRunner:
-    """Listen on `host:port` on the running loop; the caller stops it with `await runner.cleanup()`.
-
-    Raises `MetricsPortError` (one line) when the address cannot be used, such as a port in use.
-    """
-    runner = web.AppRunner(metrics_app(metrics), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        if exc.errno == errno.EADDRINUSE:
-            reason = "the port is already in use (another process, or a second bot with the same METRICS_PORT)"
-        else:
-            reason = exc.strerror or str(exc)
-        raise MetricsPortError(f"METRICS_PORT {port} on METRICS_HOST {host} cannot be opened: {reason}") from None
-    return runner

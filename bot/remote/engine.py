@@ -36,11 +36,15 @@ from typing import Any
 
 import openai
 
-from bot.core.engine_api import EngineBusy, EngineClosed, EngineError, EngineStats, GenerationTimeout, percentile
+from bot.core.engine_api import EngineClosed, EngineError, EngineStats, GenerationTimeout, percentile
 from bot.core.messages import chat_messages, strip_think, visible_so_far
+from bot.core.outcomes import FAILED, received
 from bot.core.types import Turn
 
 log = logging.getLogger(__name__)
+
+# How a status the server answered with reads in the log, by the outcome it means.
+_STATUS_WORDS = {"busy": "is busy", "timeout": "timed out"}
 
 # Asked again with fewer history turns at most this many times after a "context too long" refusal;
 # each retry keeps half the history of the one before (12 turns -> 6 -> 3 -> 1).
@@ -315,20 +319,22 @@ def _context_too_long(exc: openai.BadRequestError) -> bool:
 
 
 def _engine_error(exc: openai.OpenAIError) -> EngineError:
-    """The engine exception for a client error: busy, timed out, or failed (with a one-line reason)."""
+    """The engine exception for a client error: busy, timed out, or failed (with a one-line reason).
+
+    A server's status, or the type of an error event mid-stream, is read back through the outcomes
+    table (`bot.core.outcomes.received`), the same table this project's server answers from.
+    """
     if isinstance(exc, openai.APITimeoutError):
         return GenerationTimeout("the engine did not answer in time")
+    outcome, message = FAILED, ""
     if isinstance(exc, openai.APIStatusError):
-        if exc.status_code in (429, 503):
-            return EngineBusy(f"the engine is busy ({exc.status_code})")
-        if exc.status_code == 504:
-            return GenerationTimeout("the engine timed out (504)")
+        outcome = received(status=exc.status_code)
+        message = f"the engine {_STATUS_WORDS.get(outcome.kind, 'failed')} ({exc.status_code})"
     elif isinstance(exc, openai.APIError) and isinstance(exc.body, dict):  # an error event mid-stream
-        kind = str(exc.body.get("type") or exc.body.get("code") or "")
-        if kind in ("engine_busy", "rate_limit_exceeded"):
-            return EngineBusy(exc.message)
-        if kind == "timeout":
-            return GenerationTimeout(exc.message)
+        outcome = received(error_type=str(exc.body.get("type") or exc.body.get("code") or ""))
+        message = exc.message
+    if outcome.error is not None and outcome is not FAILED:
+        return outcome.error(message)
     if isinstance(exc, openai.APIConnectionError):
         return EngineError(f"the engine is unreachable: {_reason(exc)}")
     return EngineError(_reason(exc))

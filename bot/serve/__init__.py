@@ -6,6 +6,7 @@
 The bot never imports this package (nor Ray); `requirements-serve.txt` installs what it needs.
 """
 
-from bot.serve.app import APP_NAME, DEPLOYMENT_NAME, ChatEngine, app_builder, build_app, main
+from bot.serve.app import APP_NAME, DEPLOYMENT_NAME, ChatEngine, app_builder, build_app
+from bot.serve.run import main
 
 __all__ = ["APP_NAME", "DEPLOYMENT_NAME", "ChatEngine", "app_builder", "build_app", "main"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from bot.serve.app import main
+from bot.serve.run import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.core.chat import CLOSING_TEXT, ERROR_TEXT
+from bot.core.outcomes import CLOSING_TEXT, ERROR_TEXT
 from bot.core.types import Conversation, Turn
 from bot.engine.seq2seq import Seq2SeqRunner
 from cogs.chat import ATTACHMENT_ONLY_TEXT, COOLDOWN_TEXT, EMPTY_MENTION_TEXT

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from bot.__main__ import ExitCode, run_discord
+from bot.client.run import run_discord
 from bot.core.types import Conversation, Turn
 from bot.engine.seq2seq import Seq2SeqRunner
+from bot.launch import ExitCode
 from tests.fake_discord import BotFactory, BotHarness, FakeDiscord, bot_settings
 
 HEARTBEAT_MS = 500

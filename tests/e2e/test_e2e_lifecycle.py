@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bot.core.chat import CLOSING_TEXT, TIMEOUT_TEXT
+from bot.core.outcomes import CLOSING_TEXT, TIMEOUT_TEXT
 from bot.core.types import Conversation, Turn
 from bot.engine.seq2seq import Seq2SeqRunner
 from cogs.chat import COOLDOWN_TEXT

@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bot.__main__ import ExitCode, run_discord
+from bot.client.run import run_discord
+from bot.launch import ExitCode
 from tests.fake_discord import BotFactory, FakeDiscord
 from tests.fake_discord.harness import bot_settings
 from tests.fake_discord.world import Channel, shard_of

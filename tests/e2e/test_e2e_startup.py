@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import discord
 import pytest
 
-import bot.__main__ as entry
+import bot.client.run as entry
 from bot.client import ChatBot
 from bot.engine import Engine, EngineError
 from tests.e2e.processes import launch
