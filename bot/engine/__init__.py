@@ -74,6 +74,9 @@ class EngineConfig:
     system_prompt: str = ""
     context_tokens: int | None = None  # None: the model's own limit, capped at DEFAULT_CONTEXT_TOKENS
     sampling: bool = True  # False: always greedy, whatever the model's generation_config says
+    # Keys/values of finished conversations kept for their next prompt (bot/engine/prefix_cache.py), in
+    # MB: None, as much as the attention slabs take (max_batch full context windows); 0, none.
+    prefix_cache_mb: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
@@ -90,6 +93,7 @@ class EngineConfig:
             system_prompt=settings.system_prompt,
             context_tokens=settings.context_tokens,
             sampling=settings.sampling,
+            prefix_cache_mb=getattr(settings, "prefix_cache_mb", None),
         )
 
 
@@ -298,6 +302,7 @@ class Engine:
         from bot.engine.causal import CausalRunner
         from bot.engine.decoding import DecodingPlan
         from bot.engine.device import limit_heap_fragmentation, prepare_model, resolve_device, resolve_precision
+        from bot.engine.prefix_cache import PrefixCache
         from bot.engine.scheduler import Runner, Scheduler
         from bot.engine.seq2seq import Seq2SeqRunner
 
@@ -331,11 +336,21 @@ class Engine:
             self.max_input_tokens = positions - (plan.max_length - 1)
             self._check_system_prompt(positions, plan.max_length - 1)
             dtype = self._cache_dtype(CausalRunner.cache_size(config, blocks, positions))
-            runner = CausalRunner(model, max_blocks=blocks, max_length=positions, cache_dtype=dtype)
+            slab_bytes = CausalRunner.cache_size(config, blocks, positions, dtype.itemsize)
+            cached_mb = self.config.prefix_cache_mb
+            cached_bytes = slab_bytes if cached_mb is None else cached_mb << 20
+            runner = CausalRunner(
+                model,
+                max_blocks=blocks,
+                max_length=positions,
+                cache_dtype=dtype,
+                prefix_cache=PrefixCache(cached_bytes) if cached_bytes > 0 else None,
+            )
+            self._warm_system_prefix(runner)
         scheduler = Scheduler(runner, plan, gen, self._text, max_queue=self.config.max_queue)
         log.info(
             "model ready in %.1fs: %s, %s-%s new tokens, prompts up to %d tokens, up to %d replies at once "
-            "(%.0f MB of attention caches)",
+            "(%.0f MB of attention caches, up to %.0f MB of finished conversations kept)",
             time.monotonic() - started,
             f"{plan.num_beams} beams" if plan.num_beams > 1 else ("sampling" if plan.sample else "greedy"),
             max(plan.min_length - 1, 0),
@@ -343,8 +358,18 @@ class Engine:
             self.max_input_tokens,
             blocks,
             runner.cache_bytes() / 1e6,
+            getattr(getattr(runner, "prefix_cache", None), "max_bytes", 0) / 1e6,
         )
         return scheduler
+
+    def _warm_system_prefix(self, runner: Any) -> None:
+        """Read the prefix every prompt shares (system message, template) once, before any request."""
+        from bot.engine.chat_prompt import system_prefix_ids
+
+        try:
+            runner.warm(system_prefix_ids(self._tokenizer, self.config.system_prompt))
+        except Exception:  # only a slower first reply
+            log.warning("could not read the system prompt ahead of the first message", exc_info=True)
 
     def _check_system_prompt(self, positions: int, reply_tokens: int) -> None:
         """Refuse to start when SYSTEM_PROMPT leaves a chat model no room for the conversation.

@@ -6,16 +6,22 @@ minus the last token runs through the model alone and unpadded (the prefill); it
 go into the row's slab. Every step then feeds each row its newest token, the first time the
 prompt's last token, so a step is the same batched pass for a new row and an old one.
 
+A finished row's keys and values can be kept (`prefix_cache.py`): a later prompt that starts with
+the same tokens copies those positions in and prefills only the rest.
+
 Batch invariance: every row attends over a slab of the same fixed length (the context window),
 masked past its own position, so what a row computes never depends on the other rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
+from bot.engine.prefix_cache import PrefixCache
 from bot.engine.slabs import attend, reorder_rows
 
 # model_type -> whether its attention normalises queries and keys per head (Qwen3)
@@ -40,7 +46,15 @@ class CausalRunner:
 
     encoder_decoder = False
 
-    def __init__(self, model: Any, *, max_blocks: int, max_length: int, cache_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_blocks: int,
+        max_length: int,
+        cache_dtype: torch.dtype,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         config = model.config
         check_supported(config)
         self.model = model
@@ -63,6 +77,10 @@ class CausalRunner:
         self.values = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(layers)]
         self._slots = torch.arange(max_length, device=self.device)
         self.blocks = 0
+        # Kept rows of finished replies (None: every prompt is prefilled whole), and the dtype the
+        # model computes in (an int8 model's activations are fp32 even when its slabs are bf16).
+        self.prefix_cache = prefix_cache
+        self.compute_dtype = self.body.norm.weight.dtype
 
     @staticmethod
     def cache_size(config: Any, max_blocks: int, max_length: int, element_size: int = 4) -> int:
@@ -83,21 +101,78 @@ class CausalRunner:
 
     @torch.inference_mode()
     def add_block(self, input_ids: list[int]) -> int:
-        """Prefill one request's prompt (all but its last token, which the next step feeds)."""
+        """Prefill one request's prompt (all but its last token, which the next step feeds).
+
+        Positions a kept row already holds (the longest common prefix, see `prefix_cache.py`) are
+        copied in; only the rest runs through the model, attending over them.
+        """
         if self.blocks >= self.max_blocks:
             raise RuntimeError("no free block")
         if not 0 < len(input_ids) < self.max_length:
             raise ValueError(f"a prompt must have 1 to {self.max_length - 1} tokens, got {len(input_ids)}")
         block = self.blocks
         prefix = len(input_ids) - 1
-        if prefix:
-            ids = torch.tensor([input_ids[:-1]], device=self.device)
-            cache = self.body(input_ids=ids, use_cache=True).cache
-            for keys, values, layer in zip(self.keys, self.values, cache.layers, strict=True):
-                keys[block, :, :prefix] = layer.keys[0]
-                values[block, :, :prefix] = layer.values[0]
+        reused = self._copy_cached(block, input_ids[:prefix]) if prefix and self.prefix_cache is not None else 0
+        if prefix > reused:
+            self._prefill(block, input_ids[reused:prefix], reused)
+        if self.prefix_cache is not None:
+            self.prefix_cache.counters.record(reused, prefix - reused)
         self.blocks += 1
         return block
+
+    def _copy_cached(self, block: int, tokens: list[int]) -> int:
+        """Copy the longest cached prefix of `tokens` into the row; returns its length."""
+        assert self.prefix_cache is not None
+        entry, reused = self.prefix_cache.lookup(tokens)
+        if entry is None:
+            return 0
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            keys[block, :, :reused] = entry.states[0, layer, :, :reused]
+            values[block, :, :reused] = entry.states[1, layer, :, :reused]
+        return reused
+
+    def _prefill(self, block: int, tokens: list[int], start: int) -> None:
+        """Run `tokens` (positions `start` on) through the model, attending over the row's first `start`."""
+        ids = torch.tensor([tokens], device=self.device)
+        past = None
+        if start:
+            dtype = self.compute_dtype
+            past = DynamicCache(
+                ddp_cache_data=[
+                    (keys[block : block + 1, :, :start].to(dtype), values[block : block + 1, :, :start].to(dtype))
+                    for keys, values in zip(self.keys, self.values, strict=True)
+                ]
+            )
+        end = start + len(tokens)
+        cache = self.body(input_ids=ids, cache=past, use_cache=True).cache
+        for keys, values, layer in zip(self.keys, self.values, cache.layers, strict=True):
+            keys[block, :, start:end] = layer.keys[0, :, start:end]
+            values[block, :, start:end] = layer.values[0, :, start:end]
+
+    def warm(self, tokens: list[int]) -> bool:
+        """Prefill `tokens` (the system prompt's prefix) into the prefix cache, pinned; False if not kept."""
+        if self.prefix_cache is None or self.blocks or not 0 < len(tokens) < self.max_length - 1:
+            return False
+        block = self.add_block([*tokens, tokens[-1]])  # all but the last token are prefilled: `tokens`
+        try:
+            return self.retain(block, tokens, len(tokens), pinned=True)
+        finally:
+            self.remove_block(block)
+
+    @torch.inference_mode()
+    def retain(self, block: int, tokens: list[int], prompt_length: int, *, pinned: bool = False) -> bool:
+        """Keep a finished row's first `len(tokens)` positions in the prefix cache (if there is one)."""
+        if self.prefix_cache is None or not 0 < len(tokens) <= self.max_length:
+            return False
+        n = len(tokens)
+        shape = (2, len(self.keys), self.kv_heads, n, self.head_dim)
+        if math.prod(shape) * self.cache_dtype.itemsize > self.prefix_cache.max_bytes:
+            return False
+        states = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):
+            states[0, layer] = keys[block, :, :n]
+            states[1, layer] = values[block, :, :n]
+        return self.prefix_cache.keep(list(tokens), prompt_length, states, pinned=pinned)
 
     def remove_block(self, block: int) -> None:
         """Drop a finished block: the last block moves into its place, keeping rows packed."""

@@ -87,6 +87,18 @@ def render_chat_ids(
     return list(cast("list[int]", ids))
 
 
+def system_prefix_ids(tokenizer: PreTrainedTokenizerBase, system_prompt: str) -> list[int]:
+    """The leading token ids every prompt shares: the system message and what the template puts
+    before the first user message's text (the common prefix of two one-message prompts)."""
+    extra = template_kwargs(tokenizer)
+    one, two = (
+        render_chat_ids(tokenizer, [Turn("user", text)], system_prompt=system_prompt, extra=extra)
+        for text in ("0", "Zz")
+    )
+    shared = next((i for i, (a, b) in enumerate(zip(one, two, strict=False)) if a != b), min(len(one), len(two)))
+    return one[:shared]
+
+
 def _cut_points(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Where a cut `text` may start, ascending: its tokens' first characters, then `len(text)` (empty)."""
     try:

@@ -86,6 +86,9 @@ class Runner(Protocol):
 
     def remove_block(self, block: int) -> None: ...
 
+    def retain(self, block: int, tokens: list[int], prompt_length: int) -> bool:
+        """Keep a finished block's keys/values of `tokens` for later prompts; False if not kept."""
+
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None: ...
 
     def reset(self) -> None:
@@ -261,6 +264,7 @@ class Scheduler:
                 if finished:
                     tokens_out = entry.search.result()
                     self.counters.tokens += len(tokens_out)
+                    self._retain(i, entry, tokens_out)
                     outcomes.append((entry.request, self.decode(tokens_out).strip(), None))
                     done.append(i)
             except Exception as exc:
@@ -282,6 +286,15 @@ class Scheduler:
             self.counters.step_seconds += time.monotonic() - started
             for request, text, error in outcomes:  # answers go out as soon as the step is over
                 self._finish(request, text, error)
+
+    def _retain(self, block: int, entry: _Running, reply: list[int]) -> None:
+        """Offer a finished row to the runner's prefix cache: its prompt and reply, less the last token
+        (whose keys no step computed). Never fails the reply: a row not kept is only a slower next turn."""
+        prompt = entry.request.input_ids
+        try:
+            self.runner.retain(block, (prompt + reply)[: entry.search.length - 1], len(prompt))
+        except Exception:
+            log.exception("could not keep a finished conversation's keys and values")
 
     def _expire(self) -> None:
         """Stop requests past their own deadline, or whose waiter has gone; the others keep running."""

@@ -102,6 +102,10 @@ class Seq2SeqRunner:
         self.blocks += 1
         return block
 
+    def retain(self, block: int, tokens: list[int], prompt_length: int) -> bool:
+        """BlenderBot keeps nothing between replies: each prompt's encoder pass is short."""
+        return False
+
     def remove_block(self, block: int) -> None:
         """Drop a finished block: the last block moves into its place, keeping rows packed.
 

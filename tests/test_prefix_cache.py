@@ -1,0 +1,167 @@
+"""Conversations read once: the prefix cache (bot/engine/prefix_cache.py) alone, in the causal runner, and
+through the engine, where a reply with the cache must be token for token the reply without it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from bot.core.types import Turn
+from bot.engine import Engine
+from bot.engine.prefix_cache import PrefixCache, common_prefix
+from tests.engine_spies import record_tokens
+from tests.test_engine_causal import chat_config
+
+# --- the cache alone -------------------------------------------------------------------------------
+
+
+def states(tokens: int, fill: float = 0.0) -> torch.Tensor:
+    """Keys/values of `tokens` positions of a 1-layer, 1-head, 2-dim model: 16 bytes a position."""
+    return torch.full((2, 1, 1, tokens, 2), fill)
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([5], [1]) == 0
+    assert common_prefix([], [1]) == 0
+    long = list(range(1000))
+    for cut in (0, 1, 499, 998, 999):
+        assert common_prefix(long, [*long[:cut], -1, *long[cut + 1 :]]) == cut
+
+
+def test_longest_prefix_wins_and_no_false_match() -> None:
+    cache = PrefixCache(max_bytes=10_000)
+    cache.keep([1, 2, 3], 3, states(3, 1.0))
+    cache.keep([1, 2, 7, 8, 9], 5, states(5, 2.0))
+    entry, length = cache.lookup([1, 2, 7, 8, 5, 6])
+    assert entry is not None and length == 4 and entry.tokens == [1, 2, 7, 8, 9]
+    entry, length = cache.lookup([1, 2, 3, 4])
+    assert entry is not None and length == 3 and float(entry.states[0, 0, 0, 0, 0]) == 1.0
+    assert cache.lookup([2, 1, 3]) == (None, 0)  # a different first token: nothing is shared
+    assert cache.lookup([]) == (None, 0)
+
+
+def test_least_recently_used_go_first_within_the_byte_bound() -> None:
+    cache = PrefixCache(max_bytes=16 * 10)  # ten positions
+    assert cache.keep([1, 1, 1, 1], 4, states(4))
+    assert cache.keep([2, 2, 2, 2], 4, states(4))
+    cache.lookup([1, 1, 9])  # the first is now the most recently used
+    assert cache.keep([3, 3, 3, 3], 4, states(4))
+    assert [e.tokens[0] for e in cache.entries()] == [1, 3] and cache.nbytes == 16 * 8 <= cache.max_bytes
+    assert not cache.keep(list(range(11)), 11, states(11))  # bigger than the whole cache: not kept
+    assert len(cache) == 2 and cache.counters.evicted == 1
+
+
+def test_a_later_turn_supersedes_the_earlier_one_but_not_other_conversations() -> None:
+    cache = PrefixCache(max_bytes=10_000)
+    cache.keep([9, 1, 2, 3], 3, states(4))  # channel A, turn 1: prompt [9, 1, 2], reply so far [3]
+    cache.keep([9, 5, 6], 3, states(3))  # channel B shares only the "system prompt" 9
+    cache.keep([9, 1, 2, 4, 5, 6], 5, states(6))  # channel A, turn 2 re-renders its reply as [4]
+    assert [e.tokens for e in cache.entries()] == [[9, 5, 6], [9, 1, 2, 4, 5, 6]]
+
+
+def test_a_pinned_entry_is_never_evicted_nor_superseded() -> None:
+    cache = PrefixCache(max_bytes=16 * 6)
+    assert cache.keep([7, 7], 2, states(2), pinned=True)
+    assert cache.keep([7, 7, 1, 1], 4, states(4))
+    assert cache.keep([7, 7, 2, 2], 4, states(4))  # evicts [7, 7, 1, 1], not the pinned one
+    assert [e.tokens for e in cache.entries()] == [[7, 7], [7, 7, 2, 2]]
+    assert not cache.keep([1] * 5, 5, states(5))  # more than the room the pinned entry leaves
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+# --- in the runner ----------------------------------------------------------------------------------
+
+
+async def test_a_cached_prefill_fills_the_row_as_a_whole_prefill_does(tiny_chat_model_dir: Path) -> None:
+    """Only the shared positions come from the cache: a prompt that diverges gets its own keys after that."""
+    async with (
+        Engine(chat_config(tiny_chat_model_dir, prefix_cache_mb=0)) as plain,
+        Engine(chat_config(tiny_chat_model_dir)) as cached,
+    ):
+        history = [Turn("user", "hello there how are you", speaker="alice")]
+        other = [Turn("user", "hello there who are you", speaker="alice")]
+        first, second = cached.encode_prompt(history), cached.encode_prompt(other)
+        shared = common_prefix(first, second)
+        assert 0 < shared < len(second) - 1
+        await cached.reply(history)
+        await plain.reply(history)  # both engines idle again: their runners may be used from here
+        runner, reference = cached._scheduler.runner, plain._scheduler.runner
+        before = runner.prefix_cache.counters.reused_tokens
+        block = runner.add_block(second)
+        assert runner.prefix_cache.counters.reused_tokens - before == shared
+        reference_block = reference.add_block(second)
+        n = len(second) - 1
+        for mine, theirs in zip((*runner.keys, *runner.values), (*reference.keys, *reference.values), strict=True):
+            torch.testing.assert_close(mine[block, :, :n], theirs[reference_block, :, :n], rtol=1e-5, atol=1e-5)
+        runner.remove_block(block)
+        reference.remove_block(reference_block)
+
+
+# --- through the engine -----------------------------------------------------------------------------
+
+MESSAGES = [
+    "hello there, how are you today",
+    "do you have any pets at home",
+    "tell me something interesting about space",
+    "what music do you like",
+    "i am fine thank you",
+    "what is your favourite colour",
+]
+
+
+async def converse(engine: Engine, channels: int, turns: int, *, together: bool = False) -> list[list[Turn]]:
+    """Run `channels` conversations of `turns` messages each, channel after channel or all at once per turn."""
+    histories: list[list[Turn]] = [[] for _ in range(channels)]
+    for turn in range(turns):
+        for c, history in enumerate(histories):
+            history.append(Turn("user", MESSAGES[(turn + 2 * c) % len(MESSAGES)], speaker=f"user{c}"))
+        if together:
+            replies = await asyncio.gather(*(engine.reply(h) for h in histories))
+        else:
+            replies = [await engine.reply(h) for h in histories]
+        for history, reply in zip(histories, replies, strict=True):
+            history.append(Turn("bot", reply))
+    return histories
+
+
+async def test_replies_with_the_cache_equal_replies_without_it(tiny_chat_model_dir: Path) -> None:
+    """The fp32 oracle: a multi-turn conversation in three channels, then histories that changed (a reset,
+    an edited turn): every reply token for token the uncached engine's, with most positions not re-read."""
+    tokens: list[list[list[int]]] = []
+    for cache_mb in (0, None):
+        async with Engine(chat_config(tiny_chat_model_dir, prefix_cache_mb=cache_mb)) as engine:
+            seen = record_tokens(engine)
+            histories = await converse(engine, channels=3, turns=5)
+            edited = [*histories[0][:2], Turn("user", "something else entirely"), *histories[0][3:-1]]
+            reset = [Turn("user", histories[0][0].text, speaker="user0")]
+            for history in (edited, reset, histories[1][:-3], histories[2][:-1]):
+                await engine.reply(history)
+            tokens.append(seen)
+            cache = engine._scheduler.runner.prefix_cache
+            if cache is not None:
+                counters = cache.counters
+                # every prompt reuses the system prompt, read at startup (lookup 0); from turn 2 on,
+                # each reuses at least its channel's previous prompt
+                assert min(counters.history[1:4]) >= len(cache.entries()[0].tokens) > 0
+                assert min(counters.history[4:16]) > 40, counters.history
+                assert counters.prefilled_tokens < counters.reused_tokens / 2
+    assert tokens[0] == tokens[1]
+    assert len({tuple(t) for t in tokens[0]}) > 3
+
+
+async def test_int8_batched_equals_one_at_a_time_with_the_cache(tiny_chat_model_dir: Path) -> None:
+    results = []
+    for together in (False, True):
+        async with Engine(chat_config(tiny_chat_model_dir, precision="int8")) as engine:
+            results.append(await converse(engine, channels=4, turns=4, together=together))
+            counters = engine._scheduler.runner.prefix_cache.counters
+            # lookup 0 is the system prompt's own prefill at startup; every prompt after it reuses some
+            assert counters.history[0] == 0 and counters.hits == counters.lookups - 1
+            assert counters.reused_tokens > counters.prefilled_tokens
+    assert results[0] == results[1]
+    assert len({t.text for h in results[0] for t in h if t.role == "bot"}) > 4
