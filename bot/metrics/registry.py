@@ -105,7 +105,8 @@ class Metrics:
                 reasons.append(reason)
         return reasons
 
-    def _live(self) -> Iterator[Metric]:
+    def live_gauges(self) -> Iterator[Metric]:
+        """The gauges read now from what is watched (engine load, gateway latency)."""
         if self._engine is not None:
             load = self._engine()
             yield GaugeMetricFamily(
@@ -137,7 +138,7 @@ class _LiveCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        return list(self._metrics._live())
+        return list(self._metrics.live_gauges())
 
     def describe(self) -> Iterable[Metric]:
         return []  # the gauges depend on what is bound; nothing to check against other collectors
