@@ -39,6 +39,7 @@ import openai
 from bot.core.engine_api import EngineClosed, EngineError, EngineStats, GenerationTimeout, percentile
 from bot.core.messages import chat_messages, strip_think, visible_so_far
 from bot.core.outcomes import FAILED, received
+from bot.core.partial import GrowingText
 from bot.core.types import Turn
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class RemoteEngine:
         stream = await self._client.chat.completions.create(
             **request, stream=True, stream_options={"include_usage": True}
         )
-        written, said, tokens = "", "", None
+        written, said, tokens = "", GrowingText(), None
         async with stream:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -258,8 +259,7 @@ class RemoteEngine:
                 written += chunk.choices[0].delta.content
                 # As the local engine reports: each text extends the one before, no <think> block shown.
                 text = visible_so_far(written).lstrip()
-                if text.strip() and text != said and text.startswith(said):
-                    said = text
+                if text.strip() and said.advance(text) is not None:
                     on_partial(text.rstrip())
         return strip_think(written), tokens
 
