@@ -1,0 +1,118 @@
+"""What Discord refuses, and whom it notifies: the checks the fake's REST API applies to the bot's messages
+and command definitions (as Discord's status codes and error JSON), and who a message the bot posts would
+ping. Pure functions over payloads; the REST handlers in `rest.py` call them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tests.fake_discord.world import MENTION_EVERYONE, Channel, World
+
+MESSAGE_LIMIT = 2000
+NITRO_MESSAGE_LIMIT = 4000  # what a Nitro subscriber may post (bots stay at 2000)
+_COMMAND_NAME = re.compile(r"^[-_a-z0-9]{1,32}$")
+
+
+class DiscordError(Exception):
+    """An error answer: HTTP status plus Discord's `{"code", "message", "errors"}` body."""
+
+    def __init__(self, status: int, code: int, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"message": message, "code": code}
+        if errors is not None:
+            self.body["errors"] = errors
+
+
+def form_error(path: str, code: str, message: str) -> DiscordError:
+    """Discord's 400 `Invalid Form Body` (50035) with the nested `_errors` shape."""
+    errors: dict[str, Any] = {"_errors": [{"code": code, "message": message}]}
+    for part in reversed(path.split(".")):
+        errors = {part: errors}
+    return DiscordError(400, 50035, "Invalid Form Body", errors)
+
+
+def validate_content(body: dict[str, Any], prefix: str = "") -> None:
+    """A message body's content and allowed_mentions, as Discord checks them for a post or an edit."""
+    content = body.get("content")
+    if content is not None and not isinstance(content, str):
+        raise form_error(prefix + "content", "STRING_TYPE_CONVERT", "Could not interpret value as string.")
+    if len(content or "") > MESSAGE_LIMIT:
+        raise form_error(prefix + "content", "BASE_TYPE_MAX_LENGTH", f"Must be {MESSAGE_LIMIT} or fewer in length.")
+    if not (content or "").strip() and not any(
+        body.get(k) for k in ("embeds", "attachments", "sticker_ids", "components", "poll")
+    ):
+        raise DiscordError(400, 50006, "Cannot send an empty message")
+    allowed = body.get("allowed_mentions")
+    if allowed is not None:
+        parse = allowed.get("parse", [])
+        if any(p not in ("users", "roles", "everyone") for p in parse):
+            raise form_error(prefix + "allowed_mentions.parse", "BASE_TYPE_CHOICES", "Value must be one of.")
+        for kind in ("users", "roles"):
+            if kind in parse and allowed.get(kind):
+                raise form_error(
+                    prefix + "allowed_mentions",
+                    "MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE",
+                    f'parse:["{kind}"] and {kind}: [ids] are mutually exclusive.',
+                )
+
+
+def validate_command(index: int, cmd: Any) -> None:
+    """Command `index` of a bulk overwrite (`PUT .../commands`), as Discord checks a definition."""
+    if not isinstance(cmd, dict) or not isinstance(cmd.get("name"), str):
+        raise form_error(f"{index}.name", "BASE_TYPE_REQUIRED", "This field is required")
+    if not _COMMAND_NAME.match(cmd["name"]):
+        raise form_error(f"{index}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
+    if cmd.get("type", 1) == 1 and not 1 <= len(cmd.get("description") or "") <= 100:
+        raise form_error(f"{index}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
+    dmp = cmd.get("default_member_permissions")
+    # Discord takes an integer or a string of digits, and always answers with a string.
+    whole_number = isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0
+    if dmp is not None and not (whole_number or (isinstance(dmp, str) and dmp.isdigit())):
+        raise form_error(f"{index}.default_member_permissions", "NUMBER_TYPE_COERCE", "Value is not int.")
+    options = cmd.get("options") or []
+    if len(options) > 25:
+        raise form_error(f"{index}.options", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
+    seen_optional = False
+    for o_index, option in enumerate(options):
+        where = f"{index}.options.{o_index}"
+        if not _COMMAND_NAME.match(option.get("name", "")):
+            raise form_error(f"{where}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
+        if not 1 <= len(option.get("description") or "") <= 100:
+            raise form_error(f"{where}.description", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
+        if option.get("required"):
+            if seen_optional:
+                raise form_error(
+                    where,
+                    "APPLICATION_COMMAND_OPTIONS_REQUIRED_INVALID",
+                    "Required options must be placed before non-required options",
+                )
+        else:
+            seen_optional = True
+        if len(option.get("choices") or []) > 25:
+            raise form_error(f"{where}.choices", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
+
+
+def pings(world: World, message: dict[str, Any], body: dict[str, Any], channel: Channel) -> dict[str, Any]:
+    """Who Discord would notify for a message the bot posted with request `body`: users, roles, @everyone."""
+    w = world
+    allowed = body.get("allowed_mentions")
+    if allowed is None:
+        parse, users, roles, replied_user = {"users", "roles", "everyone"}, [], [], True
+    else:
+        parse = set(allowed.get("parse", []))
+        users, roles = allowed.get("users", []), allowed.get("roles", [])
+        replied_user = bool(allowed.get("replied_user", False))
+    pinged_users = {u["id"] for u in message["mentions"] if "users" in parse or u["id"] in users}
+    referenced = message.get("referenced_message")
+    if referenced and replied_user:
+        pinged_users.add(referenced["author"]["id"])
+    can_everyone = bool(w.permissions_in(w.bot_user.id, channel) & MENTION_EVERYONE) or channel.guild_id is None
+    pinged_roles = {
+        r
+        for r in message["mention_roles"]
+        if ("roles" in parse and (w.roles[int(r)].mentionable or can_everyone)) or r in roles
+    }
+    everyone = message["mention_everyone"] and "everyone" in parse
+    return {"users": sorted(pinged_users), "roles": sorted(pinged_roles), "everyone": bool(everyone)}
