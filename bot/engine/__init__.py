@@ -9,16 +9,19 @@ place is bounded and refuses work when full.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from bot.core.engine_api import EngineStats, percentile
 from bot.core.partial import GrowingText
 from bot.core.types import Turn
+from bot.engine.detokenize import IncrementalText
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
 from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
 from bot.engine.prompt import build_input_ids
@@ -111,6 +114,9 @@ class Engine:
         self._generation_config: Any = None
         self._scheduler: Any = None  # a bot.engine.scheduler.Scheduler once loaded
         self._thread: threading.Thread | None = None
+        # Prompts are rendered and cut here, off the event loop: one thread, so the tokenizer is
+        # never encoding for two callers at once.
+        self._prompts = ThreadPoolExecutor(1, thread_name_prefix="prompts")
         self._closed = False
         self._started_at = time.monotonic()
 
@@ -154,6 +160,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self._prompts.shutdown(wait=False, cancel_futures=True)
         if self._scheduler is not None:
             self._scheduler.stop()
         # A model still loading cannot be interrupted; its daemon thread ends with the process. So does
@@ -205,9 +212,22 @@ class Engine:
         With `on_partial`, and when the engine can stream, it is called on the event loop with the
         reply so far each time the model has written more; each text extends the one before.
         """
+        return await self.generate(await self.prompt_for(history), on_partial)
+
+    async def prompt_for(self, history: Sequence[Turn], *, system_prompt: str | None = None) -> list[int]:
+        """`encode_prompt` on the engine's prompt thread: rendering a long conversation and cutting it
+        token-exactly takes several renders, which would hold up every other conversation's event loop."""
         if self._closed or self._scheduler is None:
             raise EngineClosed("the model is not running")
-        return await self.generate(self.encode_prompt(history), on_partial)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._prompts, functools.partial(self.encode_prompt, history, system_prompt=system_prompt)
+            )
+        except RuntimeError as exc:  # closed meanwhile: the executor takes no more work
+            if self._closed:
+                raise EngineClosed("the model is not running") from None
+            raise EngineError(str(exc)) from exc
 
     async def generate(self, prompt_ids: list[int], on_partial: Callable[[str], None] | None = None) -> str:
         """`reply` for a prompt already encoded by `encode_prompt` (the server counts its tokens)."""
@@ -247,13 +267,17 @@ class Engine:
     def _progress(
         self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str], on_partial: Callable[[str], None]
     ) -> Callable[[list[int]], None]:
-        """A progress callback for the engine thread: decodes on the event loop, reports new text only."""
+        """A progress callback for the engine thread: decodes on the event loop, reports new text only.
+
+        Each report decodes only the newest tokens (`IncrementalText`), not the whole reply again.
+        """
         said = GrowingText()
+        decoded = IncrementalText(self._tokenizer)
 
         def report(tokens: list[int]) -> None:
             if future.done():
                 return  # the final answer (or an error) is already out
-            text = self._visible(self._tokenizer.decode(tokens, skip_special_tokens=True)).lstrip()
+            text = self._visible(decoded.update(tokens)).lstrip()
             # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
             if text.endswith("\ufffd") or not text.strip() or said.advance(text) is None:
                 return

@@ -146,9 +146,11 @@ class ChatEngine:
                 404, f"the model {model!r} is not served here; this server has {self.model!r}", "model_not_found"
             )
         try:
-            prompt = self.engine.encode_prompt(turns, system_prompt=system)
+            prompt = await self.engine.prompt_for(turns, system_prompt=system)
         except ValueError as exc:  # a system message that leaves no room for the conversation
             return error_response(400, f"the messages do not fit the model: {exc}", "invalid_request_error")
+        except EngineError as exc:
+            return error_response(*engine_error(exc))
         options = body.get("stream_options")
         usage_wanted = isinstance(options, Mapping) and options.get("include_usage") is True
         if stream:

@@ -31,8 +31,8 @@ def record_prompts(harness: BotHarness) -> list[str]:
     prompts: list[str] = []
     encode = engine.encode_prompt
 
-    def recording(history: Any) -> list[int]:
-        ids = encode(history)
+    def recording(history: Any, **options: Any) -> list[int]:
+        ids = encode(history, **options)
         prompts.append(engine._tokenizer.decode(ids))
         return ids
 
@@ -90,7 +90,7 @@ async def test_a_long_conversation_is_cut_to_fit_the_context(
     engine = harness.engine
     sizes: list[int] = []
     encode = engine.encode_prompt
-    engine.encode_prompt = lambda history: sizes.append(len(ids := encode(history))) or ids  # type: ignore[method-assign]
+    engine.encode_prompt = lambda history, **options: sizes.append(len(ids := encode(history, **options))) or ids  # type: ignore[method-assign]
     for i in range(8):
         await fake.ask(w.member, w.general, f"message number {i} " + "tell me about the stars and music " * 4)
     assert engine.max_input_tokens == 256 - 16
