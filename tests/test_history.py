@@ -173,6 +173,40 @@ async def test_concurrent_appends_and_resets_keep_the_promise(database: str) -> 
         await b.close()
 
 
+async def test_guild_settings_round_trip_and_removal(store: HistoryStore) -> None:
+    assert await store.guild_settings(100) == []
+    await store.set_guild_setting(100, "block", 11, "")
+    await store.set_guild_setting(100, "listen", 12, "5")
+    await store.set_guild_setting(100, "listen", 12, "9")  # replaced, not added
+    await store.set_guild_setting(100, "persona", 0, "Be kind \u00e9 '; DROP TABLE turns; --")
+    await store.set_guild_setting(200, "block_user", 2**62, "")
+    assert await store.guild_settings(100) == [
+        ("block", 11, ""),
+        ("listen", 12, "9"),
+        ("persona", 0, "Be kind \u00e9 '; DROP TABLE turns; --"),
+    ]
+    assert await store.set_guild_setting(100, "block", 11, None)
+    assert not await store.set_guild_setting(100, "block", 11, None)  # nothing left to delete
+    await store.append(A, 7, Turn("user", "kept"))  # the history is another matter
+    assert await store.delete_guild_settings(100) == 2
+    assert await store.guild_settings(100) == []
+    assert await store.guild_settings(200) == [("block_user", 2**62, "")]  # other servers keep theirs
+    assert await store.get(A) == [Turn("user", "kept")]
+
+
+async def test_guild_settings_shared_by_two_stores(database: str) -> None:
+    a = await open_store(database, max_turns=4)
+    b = await open_store(database, max_turns=4)
+    try:
+        await a.set_guild_setting(100, "persona", 0, "pirate")
+        assert await b.guild_settings(100) == [("persona", 0, "pirate")]
+        await b.delete_guild_settings(100)
+        assert await a.guild_settings(100) == []
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_closed_store_refuses_calls(database: str) -> None:
     s = await open_store(database, max_turns=4)
     await s.close()
@@ -330,12 +364,44 @@ async def test_sqlite_version_1_file_migrated_in_place(tmp_path: Path) -> None:
     await store.close()
 
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert "speaker" in [row[1] for row in db.execute("PRAGMA table_info(turns)")]
     assert [row[1] for row in db.execute("PRAGMA table_info(epochs)")] == ["scope", "id", "epoch"]
+    assert [row[1] for row in db.execute("PRAGMA table_info(guild_settings)")] == GUILD_SETTINGS_COLUMNS
     db.close()
     reopened = await open_store(path, max_turns=10)  # a migrated file opens as it is
     assert await reopened.get(A) == [Turn("user", "new question", "Bob"), Turn("bot", "new answer")]
+    await reopened.close()
+
+
+GUILD_SETTINGS_COLUMNS = ["guild_id", "kind", "target", "value"]
+
+
+async def test_sqlite_version_3_file_migrated_in_place(tmp_path: Path) -> None:
+    """A file of the schema before server settings (3): turns and epochs kept, `guild_settings` added."""
+    path = tmp_path / "h.sqlite3"
+    store = await open_store(path, max_turns=10)
+    await store.append(A, 7, Turn("user", "q", "Alice"), Turn("bot", "a"))
+    await store.reset(B)
+    await store.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE guild_settings")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+
+    store = await open_store(path, max_turns=10)
+    assert await store.get(A) == [Turn("user", "q", "Alice"), Turn("bot", "a")]
+    assert (await store.snapshot(B, None)).epochs.channel == 1
+    assert await store.guild_settings(100) == []
+    assert await store.set_guild_setting(100, "persona", 0, "You are {server}'s pirate.")
+    await store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert [row[1] for row in db.execute("PRAGMA table_info(guild_settings)")] == GUILD_SETTINGS_COLUMNS
+    db.close()
+    reopened = await open_store(path, max_turns=10)
+    assert await reopened.guild_settings(100) == [("persona", 0, "You are {server}'s pirate.")]
     await reopened.close()
 
 

@@ -30,11 +30,33 @@ async def test_newer_schema_refused_and_left_alone(postgres_url: str) -> None:
     await (await open_store(postgres_url, max_turns=4)).close()
     with psycopg.connect(postgres_url) as conn:
         conn.execute("UPDATE history_schema SET version = %s", (SCHEMA_VERSION + 1,))
-    with pytest.raises(NewerSchema, match=r"newer version of the bot \(schema 2 > 1\)") as caught:
+    with pytest.raises(
+        NewerSchema, match=rf"newer version of the bot \(schema {SCHEMA_VERSION + 1} > {SCHEMA_VERSION}\)"
+    ) as caught:
         await open_store(postgres_url, max_turns=4)
     assert PASSWORD not in str(caught.value)
     with psycopg.connect(postgres_url) as conn:
         assert conn.execute("SELECT version FROM history_schema").fetchone() == (SCHEMA_VERSION + 1,)
+
+
+async def test_version_1_database_migrated_in_place(postgres_url: str) -> None:
+    """A database of the schema before server settings (1): its turns kept, `guild_settings` added."""
+    store = await open_store(postgres_url, max_turns=4)
+    await store.append(Conversation(1, 100), 7, Turn("user", "old", "Alice"), Turn("bot", "answer"))
+    await store.close()
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("DROP TABLE guild_settings")
+        conn.execute("UPDATE history_schema SET version = 1")
+    store = await open_store(postgres_url, max_turns=4)
+    try:
+        assert await store.get(Conversation(1, 100)) == [Turn("user", "old", "Alice"), Turn("bot", "answer")]
+        assert await store.guild_settings(100) == []
+        await store.set_guild_setting(100, "block_role", 5, "")
+        assert await store.guild_settings(100) == [("block_role", 5, "")]
+    finally:
+        await store.close()
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT version FROM history_schema").fetchall() == [(SCHEMA_VERSION,)] == [(2,)]
 
 
 async def test_a_foreign_turns_table_is_not_touched(postgres_url: str) -> None:

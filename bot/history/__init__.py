@@ -11,6 +11,9 @@ number of bot processes). Both keep the same promises:
   and user) in the same transaction as its delete; a reply is stored only if the epochs it read
   before generating are unchanged, checked in the same transaction as the insert
   (`snapshot` + `append(..., expected=...)`).
+
+The same database keeps each server's settings (`guild_settings`: where the bot speaks, whom it
+ignores, its persona), read and written through `bot.core.guild_settings.GuildSettings`.
 """
 
 from __future__ import annotations
@@ -88,6 +91,19 @@ class HistoryStore(Protocol):
 
     async def forget_user(self, user_id: int) -> int:
         """Delete every turn written by or to one person, in every conversation."""
+        ...
+
+    async def guild_settings(self, guild_id: int) -> list[tuple[str, int, str]]:
+        """A server's settings rows: (kind, target, value), in the order of kind and target."""
+        ...
+
+    async def set_guild_setting(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
+        """Store one setting of a server (replacing the one of that kind and target); `value` None deletes
+        it. True if something was stored or deleted."""
+        ...
+
+    async def delete_guild_settings(self, guild_id: int) -> int:
+        """Delete every setting of a server (the bot left it); returns how many rows went."""
         ...
 
     async def counts(self) -> tuple[int, int]:

@@ -44,7 +44,7 @@ T = TypeVar("T")
 # Aborted only because of another transaction; the same work succeeds when run again.
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock key for creating or migrating the schema ("bothist" in ASCII).
 SCHEMA_LOCK = 0x626F7468697374
 CONNECT_TIMEOUT_S = 10
@@ -77,8 +77,17 @@ _SCHEMA = (
         PRIMARY KEY (scope, id)
     )""",
 )
+# A server's settings, one row each (see bot.history.sqlite and bot.core.guild_settings); version 2.
+_GUILD_SETTINGS = """CREATE TABLE guild_settings (
+        guild_id  BIGINT NOT NULL,
+        kind      TEXT NOT NULL,
+        target    BIGINT NOT NULL,
+        value     TEXT NOT NULL,
+        PRIMARY KEY (guild_id, kind, target)
+    )"""
+_SCHEMA = (*_SCHEMA, _GUILD_SETTINGS)
 # version -> the statements that bring a database of the version before it up to it
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_GUILD_SETTINGS,)}
 
 # One statement, so one snapshot: the epochs, then the newest turns (none: a single row of NULLs).
 _SNAPSHOT = """
@@ -243,6 +252,37 @@ class PostgresHistoryStore:
 
     async def forget_user(self, user_id: int) -> int:
         return await self._clear("user", "user_id", user_id)
+
+    async def guild_settings(self, guild_id: int) -> list[tuple[str, int, str]]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT kind, target, value FROM guild_settings WHERE guild_id = %s ORDER BY kind, target", (guild_id,)
+            )
+            return [(str(kind), int(target), str(value)) for kind, target, value in await cur.fetchall()]
+
+    async def set_guild_setting(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
+        async def write(cur: psycopg.AsyncCursor[Any]) -> bool:
+            if value is None:
+                await cur.execute(
+                    "DELETE FROM guild_settings WHERE guild_id = %s AND kind = %s AND target = %s",
+                    (guild_id, kind, target),
+                )
+                return cur.rowcount > 0
+            await cur.execute(
+                "INSERT INTO guild_settings (guild_id, kind, target, value) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (guild_id, kind, target) DO UPDATE SET value = excluded.value",
+                (guild_id, kind, target, _no_nul(value)),
+            )
+            return True
+
+        return await self._transaction(write)
+
+    async def delete_guild_settings(self, guild_id: int) -> int:
+        async def delete(cur: psycopg.AsyncCursor[Any]) -> int:
+            await cur.execute("DELETE FROM guild_settings WHERE guild_id = %s", (guild_id,))
+            return cur.rowcount
+
+        return await self._transaction(delete)
 
     async def counts(self) -> tuple[int, int]:
         async with self._connection() as conn:

@@ -18,7 +18,8 @@ A full disk needs no new connection: the next write after space is freed succeed
 
 Versions: 1 is the first schema; 2 adds `speaker`, the display name of whoever said a user turn in a
 server channel (turns stored by version 1 read back with no speaker); 3 adds `epochs`, how often
-each channel, server and user has been cleared (see `bot.history`).
+each channel, server and user has been cleared (see `bot.history`); 4 adds `guild_settings`, what
+a server's admins set with `/bot` and `/persona` (see `bot.core.guild_settings`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -67,10 +68,23 @@ CREATE TABLE IF NOT EXISTS epochs (
 ) WITHOUT ROWID
 """
 
+# A server's settings, one row each: `kind` says what (see bot.core.guild_settings), `target` which
+# channel, category, user or role it is about (0: the server itself), `value` the rest.
+_GUILD_SETTINGS = """
+CREATE TABLE IF NOT EXISTS guild_settings (
+    guild_id  INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    target    INTEGER NOT NULL,
+    value     TEXT NOT NULL,
+    PRIMARY KEY (guild_id, kind, target)
+) WITHOUT ROWID
+"""
+
 # version -> the statements that bring a file of the version before it up to it
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE turns ADD COLUMN speaker TEXT",),
     3: (_EPOCHS,),
+    4: (_GUILD_SETTINGS,),
 }
 
 # A missing row is epoch 0; a NULL id (a DM has no server, the console no user) matches no row.
@@ -139,7 +153,7 @@ class SQLiteHistoryStore:
         with self._transaction():
             version = self._version()  # again, under the write lock: another process may have just migrated it
             if version < 1:  # a new file: the current schema at once
-                for statement in [*_SCHEMA.split(";"), _EPOCHS]:
+                for statement in [*_SCHEMA.split(";"), _EPOCHS, _GUILD_SETTINGS]:
                     if statement.strip():
                         self._db.execute(statement)
             else:
@@ -288,6 +302,41 @@ class SQLiteHistoryStore:
 
     async def forget_user(self, user_id: int) -> int:
         return await self._clear("user", "user_id", user_id)
+
+    async def guild_settings(self, guild_id: int) -> list[tuple[str, int, str]]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT kind, target, value FROM guild_settings WHERE guild_id = ? ORDER BY kind, target", (guild_id,)
+            ).fetchall()
+        )
+        return [(str(kind), int(target), str(value)) for kind, target, value in rows]
+
+    async def set_guild_setting(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
+        def write() -> bool:
+            with self._transaction():
+                if value is None:
+                    return (
+                        self._db.execute(
+                            "DELETE FROM guild_settings WHERE guild_id = ? AND kind = ? AND target = ?",
+                            (guild_id, kind, target),
+                        ).rowcount
+                        > 0
+                    )
+                self._db.execute(
+                    "INSERT INTO guild_settings (guild_id, kind, target, value) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (guild_id, kind, target) DO UPDATE SET value = excluded.value",
+                    (guild_id, kind, target, value),
+                )
+                return True
+
+        return await self._run(write, write=True)
+
+    async def delete_guild_settings(self, guild_id: int) -> int:
+        def delete() -> int:
+            with self._transaction():
+                return self._db.execute("DELETE FROM guild_settings WHERE guild_id = ?", (guild_id,)).rowcount
+
+        return await self._run(delete, write=True)
 
     async def counts(self) -> tuple[int, int]:
         row = await self._run(
