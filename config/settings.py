@@ -56,6 +56,7 @@ class Settings:
     user_cooldown_seconds: float = 3.0
     shutdown_grace_seconds: float = 20.0
     stream_replies: bool = True
+    allow_dms: bool = True  # False: DMs get no answer (server admins' settings are per server: /bot)
     # Chat models (decoder-only, with a chat template).
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system message
     context_tokens: int | None = None  # None: the model's own limit, capped at 2048
@@ -233,6 +234,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "USER_COOLDOWN_SECONDS": ("user_cooldown_seconds", _float(0.0)),
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0.0)),
     "STREAM_REPLIES": ("stream_replies", _bool),
+    "ALLOW_DMS": ("allow_dms", _bool),
     "SYSTEM_PROMPT": ("system_prompt", _system_prompt),
     "CONTEXT_TOKENS": ("context_tokens", _int(256, 131072)),
     "SAMPLING": ("sampling", _bool),

@@ -30,9 +30,19 @@ class ScriptedEngine:
         self.stream_words = False
         self.word_delay = 0.0
         self.fail_after_words: int | None = None
+        self.system_prompts: list[str | None] = []  # what each reply was asked with (None: SYSTEM_PROMPT)
+        self.context_words: int | None = None  # a persona of more words than this is refused as too long
+        self.uses_system_prompt = True
 
-    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str:
+    async def reply(
+        self,
+        history: Sequence[Turn],
+        on_partial: Callable[[str], None] | None = None,
+        *,
+        system_prompt: str | None = None,
+    ) -> str:
         self.seen.append(list(history))
+        self.system_prompts.append(system_prompt)
         if self.gate is not None:
             await self.gate.wait()
         answer = self.answer if self.answer is not None else "re: " + history[-1].text
@@ -46,6 +56,12 @@ class ScriptedEngine:
         if self.fail is not None:
             raise self.fail
         return answer
+
+    def check_system_prompt(self, text: str) -> str | None:
+        words = len(text.split())
+        if self.context_words is not None and words > self.context_words:
+            return f"it takes {words} of the {self.context_words} words this engine reads"
+        return None
 
     def stats(self) -> EngineStats:
         """What /stats and the metrics read: the requests seen, nothing measured."""

@@ -32,6 +32,7 @@ def test_every_key_parsed() -> None:
             "USER_COOLDOWN_SECONDS": "0",
             "SHUTDOWN_GRACE_SECONDS": "1",
             "STREAM_REPLIES": "off",
+            "ALLOW_DMS": "false",
             "SYSTEM_PROMPT": "You are a pirate.",
             "CONTEXT_TOKENS": "4096",
             "SAMPLING": "no",
@@ -45,7 +46,7 @@ def test_every_key_parsed() -> None:
     assert (s.num_beams, s.min_new_tokens, s.max_new_tokens) == (3, 5, 9)
     assert (s.max_batch, s.max_queue) == (4, 7)
     assert s.generation_timeout_seconds == 2.5 and s.user_cooldown_seconds == 0.0
-    assert s.stream_replies is False
+    assert s.stream_replies is False and s.allow_dms is False
     assert (s.system_prompt, s.context_tokens, s.sampling) == ("You are a pirate.", 4096, False)
 
 
@@ -69,6 +70,7 @@ def test_empty_values_mean_default() -> None:
         ("CONTEXT_TOKENS", "131073"),
         ("CONTEXT_TOKENS", "2k"),
         ("SAMPLING", "sometimes"),
+        ("ALLOW_DMS", "maybe"),
         ("HISTORY_DB", "postgresql://bot:hunter2@db:port/chat"),
         ("HISTORY_DB", "postgresql://bot:hunter2?x@db/chat"),  # the ? ends the host: "hunter2" reads as its port
         ("HISTORY_DB", "postgresql+psycopg://bot:hunter2@db/chat"),

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from bot.core.engine_api import EngineError, EngineStats, ReplyEngine
+from bot.core.guild_settings import PERSONA_MAX_CHARS, GuildSettings, render_persona
 from bot.core.outcomes import BUSY, EMPTY, FAILED, Outcome, outcome_of
 from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore
@@ -40,6 +41,7 @@ class ChatService:
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
         self._in_flight = 0
         self._settling = 0
+        self.guilds = GuildSettings(history)  # each server's settings, shared through the history database
 
     @property
     def in_flight(self) -> int:
@@ -65,6 +67,7 @@ class ChatService:
         speaker: str | None = None,
         on_partial: Callable[[str], None] | None = None,
         post: Post | None = None,
+        system_prompt: str | None = None,
     ) -> Reply:
         """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
 
@@ -82,12 +85,14 @@ class ChatService:
         be posted (Discord refused it past its retries), or whose posting was cancelled, is never
         stored, so the history holds nothing that nobody saw. Without `post` (the console) the
         caller shows what is returned.
+
+        `system_prompt`, when given (a persona, see `persona_for`), replaces SYSTEM_PROMPT for this reply.
         """
         started = time.monotonic()
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
-                reply, store = await self._answer(conversation, user_id, text, speaker, on_partial)
+                reply, store = await self._answer(conversation, user_id, text, speaker, on_partial, system_prompt)
                 # counted when the answer is ready, its latency the model's (posting is Discord's)
                 self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
                 self._settling += 1
@@ -114,6 +119,7 @@ class ChatService:
         text: str,
         speaker: str | None,
         on_partial: Callable[[str], None] | None,
+        system_prompt: str | None = None,
     ) -> tuple[Reply, Callable[[Reply], Awaitable[None]] | None]:
         """The reply (or notice), and how to store it once shown (None for a notice)."""
         try:
@@ -126,7 +132,10 @@ class ChatService:
             return notice(FAILED), None
         turns = snapshot.turns + [Turn("user", text, speaker)]
         try:
-            answer = await self.engine.reply(turns, on_partial)
+            if system_prompt is None:  # engines that know no personas keep working
+                answer = await self.engine.reply(turns, on_partial)
+            else:
+                answer = await self.engine.reply(turns, on_partial, system_prompt=system_prompt)
         except EngineError as exc:
             outcome = outcome_of(exc)
             if outcome is BUSY:
@@ -173,6 +182,29 @@ class ChatService:
                 del self._locks[channel_id]
             else:
                 self._locks[channel_id] = (lock, users - 1)
+
+    async def persona_for(
+        self, conversation: Conversation, *, parent_id: int | None, server: str, channel: str
+    ) -> str | None:
+        """The system prompt for a reply here: the channel's persona (a thread's own, else its parent
+        channel's), else the server's, with `{server}`, `{channel}` and `{date}` filled in; None (the
+        engine's SYSTEM_PROMPT) when neither has one, and always in a DM."""
+        if conversation.guild_id is None:
+            return None
+        config = await self.guilds.get(conversation.guild_id)
+        template, _ = config.persona_for(conversation.channel_id, parent_id)
+        return None if template is None else render_persona(template, server=server, channel=channel)
+
+    def check_persona(self, rendered: str) -> str | None:
+        """Why a persona (placeholders filled) cannot be used, with the numbers; None when it can."""
+        if len(rendered) > PERSONA_MAX_CHARS:
+            return f"it is {len(rendered)} characters long, and a persona may have at most {PERSONA_MAX_CHARS}"
+        return self.engine.check_system_prompt(rendered)
+
+    @property
+    def uses_personas(self) -> bool:
+        """Whether the model reads a system prompt at all (BlenderBot does not)."""
+        return self.engine.uses_system_prompt
 
     def turn_away(self, outcome: Outcome) -> Reply:
         """The notice for a message answered without asking the engine (the bot is stopping), counted as such."""

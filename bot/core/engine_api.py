@@ -74,7 +74,27 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 class ReplyEngine(Protocol):
     """What `ChatService` asks of an engine: the in-process `bot.engine.Engine` or `bot.remote.RemoteEngine`."""
 
-    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str: ...
+    async def reply(
+        self,
+        history: Sequence[Turn],
+        on_partial: Callable[[str], None] | None = None,
+        *,
+        system_prompt: str | None = None,
+    ) -> str:
+        """The bot's next turn. `system_prompt` (a server's or channel's persona) replaces SYSTEM_PROMPT
+        for this reply; BlenderBot has no system prompt and ignores it. The chat service passes it
+        only when there is one."""
+        ...
+
+    def check_system_prompt(self, text: str) -> str | None:
+        """Why `text` cannot be a persona (it leaves the model's context no room for the conversation,
+        with the numbers), or None when it can (or this engine cannot tell)."""
+        ...
+
+    @property
+    def uses_system_prompt(self) -> bool:
+        """False when the model reads no system prompt (BlenderBot), so a persona has no effect."""
+        ...
 
     def stats(self) -> EngineStats: ...
 

@@ -206,13 +206,45 @@ class Engine:
         """Whether replies come out word by word (greedy decoding); beam search settles only at the end."""
         return self._scheduler is not None and self._scheduler.plan.num_beams == 1
 
-    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str:
+    async def reply(
+        self,
+        history: Sequence[Turn],
+        on_partial: Callable[[str], None] | None = None,
+        *,
+        system_prompt: str | None = None,
+    ) -> str:
         """Generate the bot's next turn for `history` (oldest first, newest user turn last).
 
         With `on_partial`, and when the engine can stream, it is called on the event loop with the
         reply so far each time the model has written more; each text extends the one before.
+        `system_prompt` (a server's persona) replaces SYSTEM_PROMPT for this reply (BlenderBot has none).
         """
-        return await self.generate(await self.prompt_for(history), on_partial)
+        return await self.generate(await self.prompt_for(history, system_prompt=system_prompt), on_partial)
+
+    # ----- personas (bot.core.guild_settings): begin -----
+
+    @property
+    def uses_system_prompt(self) -> bool:
+        """Whether the model reads a system prompt: a chat model does, BlenderBot does not."""
+        return self._chat_template
+
+    def check_system_prompt(self, text: str) -> str | None:
+        """Why `text` cannot be a chat model's system prompt (it leaves the conversation under
+        ROOMY_CONVERSATION_TOKENS of the prompt), with the numbers; None when it fits, and for BlenderBot."""
+        if not self._chat_template or self._tokenizer is None:
+            return None
+        from bot.engine.chat_prompt import render_chat_ids
+
+        bare = len(render_chat_ids(self._tokenizer, [Turn("user", "")], system_prompt=text))
+        room = self.max_input_tokens - bare
+        if room >= ROOMY_CONVERSATION_TOKENS:
+            return None
+        return (
+            f"with the chat template it takes {bare} of the {self.max_input_tokens} tokens a prompt may hold, "
+            f"leaving {max(room, 0)} for the conversation; at least {ROOMY_CONVERSATION_TOKENS} are needed"
+        )
+
+    # ----- personas: end -----
 
     async def prompt_for(self, history: Sequence[Turn], *, system_prompt: str | None = None) -> list[int]:
         """`encode_prompt` on the engine's prompt thread: rendering a long conversation and cutting it

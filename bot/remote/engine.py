@@ -161,8 +161,16 @@ class RemoteEngine:
 
     # ----- replies -----------------------------------------------------------------------------
 
-    async def reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None = None) -> str:
-        """The bot's next turn for `history` (oldest first, newest user turn last), from the server."""
+    async def reply(
+        self,
+        history: Sequence[Turn],
+        on_partial: Callable[[str], None] | None = None,
+        *,
+        system_prompt: str | None = None,
+    ) -> str:
+        """The bot's next turn for `history` (oldest first, newest user turn last), from the server.
+
+        `system_prompt` (a persona) is sent instead of SYSTEM_PROMPT when given."""
         if self._closed or self._client is None:
             raise EngineClosed("the remote engine is not running")
         started = time.monotonic()
@@ -170,7 +178,9 @@ class RemoteEngine:
 
         async def bounded() -> tuple[str, int | None]:
             # The request is made inside the task, so one cancelled before it starts leaves no coroutine unawaited.
-            return await asyncio.wait_for(self._reply_fitting(list(history), on_partial), self.config.timeout_seconds)
+            return await asyncio.wait_for(
+                self._reply_fitting(list(history), on_partial, system_prompt), self.config.timeout_seconds
+            )
 
         asking = asyncio.ensure_future(bounded())
         self._asking.add(asking)
@@ -200,14 +210,14 @@ class RemoteEngine:
         return text
 
     async def _reply_fitting(
-        self, history: list[Turn], on_partial: Callable[[str], None] | None
+        self, history: list[Turn], on_partial: Callable[[str], None] | None, system_prompt: str | None = None
     ) -> tuple[str, int | None]:
         """Ask; after a "context too long" refusal, ask again with the older half of the history dropped."""
         keep = len(history)
         for attempt in range(CONTEXT_RETRIES + 1):
             turns = history[-keep:]
             try:
-                return await self._ask(turns, on_partial)
+                return await self._ask(turns, on_partial, system_prompt)
             except openai.BadRequestError as exc:
                 if not _context_too_long(exc) or keep <= 1 or attempt == CONTEXT_RETRIES:
                     raise _engine_error(exc) from None
@@ -217,14 +227,14 @@ class RemoteEngine:
                 raise _engine_error(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    async def _ask(self, turns: Sequence[Turn], on_partial: Callable[[str], None] | None) -> tuple[str, int | None]:
+    async def _ask(
+        self, turns: Sequence[Turn], on_partial: Callable[[str], None] | None, system_prompt: str | None = None
+    ) -> tuple[str, int | None]:
         """One request: the reply's text and its completion tokens (None when the server does not say)."""
         assert self._client is not None
         model = self._model or await self._find_model()
-        request: dict[str, Any] = {
-            "model": model,
-            "messages": chat_messages(turns, system_prompt=self.config.system_prompt),
-        }
+        system = self.config.system_prompt if system_prompt is None else system_prompt
+        request: dict[str, Any] = {"model": model, "messages": chat_messages(turns, system_prompt=system)}
         if self.config.max_new_tokens is not None:
             request["max_tokens"] = self.config.max_new_tokens
         if not self.config.sampling:
@@ -287,6 +297,16 @@ class RemoteEngine:
                 ", ".join(ids[:5]),
             )
         return self._model
+
+    def check_system_prompt(self, text: str) -> None:
+        """Always None: the server's tokenizer and context are its own (a server that finds the prompt
+        too long refuses it, and the reply is a notice)."""
+        return None
+
+    @property
+    def uses_system_prompt(self) -> bool:
+        """True: the server's model decides (this project's server on BlenderBot ignores the system message)."""
+        return True
 
     def stats(self) -> EngineStats:
         latencies = list(self._latencies)
