@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import bandwidth, continuous, memory, openloop, workload
+from bench import bandwidth, continuous, conversation, memory, openloop, workload
 from bot.core.types import Turn
 
 REPLY = 60  # tokens of the timed replies
@@ -112,6 +112,8 @@ def run(model_dir: Path, bandwidth_gbs: float, log: Any) -> dict[str, Any]:
     config = json.loads((model_dir / "config.json").read_text())
     asyncio.run(measure_engine(model_dir, out))
     log(f"chat engine: {out['engine']['single_60_s']:.2f}s for a {REPLY}-token reply")
+    out["conversation"] = asyncio.run(conversation.measure(model_dir))
+    log("\n".join(conversation.summary(out["conversation"])).strip())
     measure_naive(model_dir, out)
     log(f"chat naive: {out['naive']['single_60_s']:.2f}s for a {REPLY}-token reply")
     out["serving"] = memory.measure_load(model_dir, "chat_serve_16")
@@ -135,6 +137,11 @@ def run(model_dir: Path, bandwidth_gbs: float, log: Any) -> dict[str, Any]:
             f"time to the first words, {out['first_words_prompt_tokens']}-token prompt (s)",
             eng["first_words_s"],
             "<= 1.5",
+        ),
+        (
+            f"first words at turn {conversation.TURNS} of a running conversation, prefix cache (s)",
+            out["conversation"]["cached_median_s"],
+            "<= 0.8",
         ),
         (f"greedy ms per token / bandwidth floor ({floor_ms:.1f} ms)", step_ms / floor_ms, "<= 2"),
         (
@@ -160,6 +167,7 @@ def summary(out: dict[str, Any]) -> list[str]:
         f"  greedy decoding: {step:.1f} ms per token (floor {floor:.1f})",
         f"  memory: steady {steady:.0f} MB, serving 16 conversations {peak:.0f} MB",
     ]
+    lines += conversation.summary(out["conversation"])
     lines += continuous.summary(out["continuous_batching"])
     for name, value, goal in out["goals"]:
         lines.append(f"  goal: {name}: {'n/a' if value is None else f'{value:.2f}'} (goal {goal})")

@@ -15,7 +15,14 @@ from transformers import AutoTokenizer
 
 from bot.core.messages import chat_messages, strip_think, visible_so_far
 from bot.core.types import Turn
-from bot.engine.chat_prompt import build_chat_ids, has_chat_template, render_chat_ids, template_kwargs
+from bot.engine.chat_prompt import (
+    MIN_KEPT_SHARE,
+    build_chat_ids,
+    has_chat_template,
+    render_chat_ids,
+    start_rank,
+    template_kwargs,
+)
 from tests.tiny_causal_model import CHATML, build_tiny_causal_model
 from tests.tiny_model import CORPUS
 
@@ -225,9 +232,10 @@ def random_conversation(rng: random.Random) -> tuple[list[Turn], str]:
 
 @pytest.mark.parametrize("template", ["chatml", "alternating"])
 def test_truncation_property(template: str, request: pytest.FixtureRequest) -> None:
-    """Whatever the history and budget: it fits, the newest survives, and no more older history would fit."""
+    """Whatever the history and budget: it fits, the newest survives, and no more older history would fit
+    (or, past that, the lowest-ranked user turn that still keeps MIN_KEPT_SHARE of the budget)."""
     tok = request.getfixturevalue(template)
-    cut_cases = 0
+    cut_cases = stable = 0
     for seed in range(200):
         rng = random.Random(seed)
         turns, system = random_conversation(rng)
@@ -242,7 +250,14 @@ def test_truncation_property(template: str, request: pytest.FixtureRequest) -> N
             prompt = text_of(tok, ids)
             kept = next(k for k in range(len(turns)) if rendered_text(tok, turns[k:], system) == prompt)
             assert rendered(tok, turns[kept:], system) == ids, context
-            assert kept == 0 or len(rendered(tok, turns[kept - 1 :], system)) > budget, context
+            fewest = next(k for k in range(len(turns)) if len(rendered(tok, turns[k:], system)) <= budget)
+            if ids != rendered(tok, turns[fewest:], system):  # a cut moved on to a stable start, keeping enough
+                floor = budget * MIN_KEPT_SHARE
+                reach = [k for k in range(fewest, len(turns) - 1) if len(rendered(tok, turns[k:], system)) >= floor]
+                users = [k for k in reach if turns[k].role == "user"]
+                best = min(users, key=lambda k: start_rank(turns[k]))
+                assert ids == rendered(tok, turns[best:], system) and len(ids) >= floor, context
+                stable += 1
         else:  # only the newest turn, cut: its end survives, and one more token of it would not fit
             cut_cases += 1
             points = cut_points(tok, newest.text)
@@ -256,6 +271,7 @@ def test_truncation_property(template: str, request: pytest.FixtureRequest) -> N
             assert len(rendered(tok, [dataclasses.replace(newest, text=longer)], system)) > budget, context
             assert newest.speaker is None or f"{newest.speaker}: " in text_of(tok, ids), context
     assert cut_cases >= 5  # the random budgets reach the cutting branch too
+    assert stable >= 5  # and stable starts past the fewest turns dropped
 
 
 def test_overlong_newest_keeps_its_end_and_fills_the_budget(chatml: Any) -> None:
@@ -299,7 +315,7 @@ def test_renders_are_few(chatml: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = len(rendered(chatml, turns, SYSTEM))
     calls = 0
     build_chat_ids(chatml, turns, system_prompt=SYSTEM, budget=whole // 2)
-    assert calls <= 2 + math.ceil(math.log2(len(turns))) + 1
+    assert calls <= 2 + 2 * (math.ceil(math.log2(len(turns))) + 1)  # where it fits, then how far a cut may go
 
     text = " ".join(CORPUS * 30)
     calls = 0

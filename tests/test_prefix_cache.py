@@ -4,12 +4,16 @@ through the engine, where a reply with the cache must be token for token the rep
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from bot.core.types import Turn
-from bot.engine import Engine
+from bot.engine import Engine, chat_prompt
+from bot.engine.chat_prompt import build_chat_ids, render_chat_ids
 from bot.engine.prefix_cache import PrefixCache, common_prefix
 from tests.engine_spies import record_tokens
 from tests.test_engine_causal import chat_config
@@ -165,3 +169,37 @@ async def test_int8_batched_equals_one_at_a_time_with_the_cache(tiny_chat_model_
             assert counters.reused_tokens > counters.prefilled_tokens
     assert results[0] == results[1]
     assert len({t.text for h in results[0] for t in h if t.role == "bot"}) > 4
+
+
+# --- the history cut keeps prefixes stable ------------------------------------------------------------
+
+
+def appended_turns(tokenizer: Any, budget: int) -> tuple[int, int]:
+    """Grow a 60-turn conversation; of the prompts cut to the budget, how many start with the one before."""
+    rng = random.Random(5)
+    turns: list[Turn] = []
+    previous: list[int] = []
+    cut = appended = 0
+    for i in range(30):
+        turns.append(Turn("user", " ".join(rng.choices(MESSAGES, k=2)), speaker=rng.choice(["ann", "bo"])))
+        ids = build_chat_ids(tokenizer, turns, system_prompt="Be nice.", budget=budget)
+        whole = render_chat_ids(tokenizer, turns, system_prompt="Be nice.")
+        if len(whole) > budget and i:
+            cut += 1
+            appended += common_prefix(previous, ids) == len(previous)
+        previous = ids
+        turns.append(Turn("bot", MESSAGES[i % len(MESSAGES)]))
+    return appended, cut
+
+
+def test_a_conversation_outgrowing_its_budget_keeps_its_prefix_for_several_turns(
+    tiny_chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_chat_model_dir))
+    appended, cut = appended_turns(tokenizer, budget=250)
+    assert cut >= 20 and appended >= cut * 0.4, (appended, cut)
+    monkeypatch.setattr(chat_prompt, "MIN_KEPT_SHARE", 2.0)  # no start keeps enough: the fewest dropped
+    fewest, cut = appended_turns(tokenizer, budget=250)
+    assert fewest <= cut // 5 < appended, (fewest, appended, cut)

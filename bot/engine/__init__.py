@@ -80,6 +80,9 @@ class EngineConfig:
     # Keys/values of finished conversations kept for their next prompt (bot/engine/prefix_cache.py), in
     # MB: None, as much as the attention slabs take (max_batch full context windows); 0, none.
     prefix_cache_mb: int | None = None
+    # While replies are being written, a new prompt is read in at most this many tokens per decoding
+    # step, so they keep streaming while it joins; 0: every prompt is read in at once.
+    prefill_chunk_tokens: int = 64
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
@@ -97,6 +100,7 @@ class EngineConfig:
             context_tokens=settings.context_tokens,
             sampling=settings.sampling,
             prefix_cache_mb=getattr(settings, "prefix_cache_mb", None),
+            prefill_chunk_tokens=getattr(settings, "prefill_chunk_tokens", 64),
         )
 
 
@@ -403,7 +407,14 @@ class Engine:
                 prefix_cache=PrefixCache(cached_bytes) if cached_bytes > 0 else None,
             )
             self._warm_system_prefix(runner)
-        scheduler = Scheduler(runner, plan, gen, self._text, max_queue=self.config.max_queue)
+        scheduler = Scheduler(
+            runner,
+            plan,
+            gen,
+            self._text,
+            max_queue=self.config.max_queue,
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+        )
         log.info(
             "model ready in %.1fs: %s, %s-%s new tokens, prompts up to %d tokens, up to %d replies at once "
             "(%.0f MB of attention caches, up to %.0f MB of finished conversations kept)",

@@ -3,8 +3,10 @@
 The counterpart of `seq2seq.py` for models without an encoder. A *block* is one request, one row
 (chat models decode greedily or by sampling, never with beams). When a request joins, its prompt
 minus the last token runs through the model alone and unpadded (the prefill); its keys and values
-go into the row's slab. Every step then feeds each row its newest token, the first time the
-prompt's last token, so a step is the same batched pass for a new row and an old one.
+go into the row's slab. A long prompt may be read in chunks between decoding steps (`begin_block`,
+`prefill_some`), so that replies already running keep going while it joins. Every step then feeds
+each row its newest token, the first time the prompt's last token, so a step is the same batched
+pass for a new row and an old one.
 
 A finished row's keys and values can be kept (`prefix_cache.py`): a later prompt that starts with
 the same tokens copies those positions in and prefills only the rest.
@@ -16,6 +18,7 @@ masked past its own position, so what a row computes never depends on the other 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +42,15 @@ def check_supported(config: Any) -> None:
         raise UnsupportedModel(f"is a {config.model_type!r} model; this engine steps decoder-only {families} models")
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         raise UnsupportedModel("uses sliding-window attention, which this engine does not support")
+
+
+@dataclass
+class _Joining:
+    """A block still reading its prompt: positions `[:filled]` of its row are written, of `target`."""
+
+    tokens: list[int]
+    filled: int
+    target: int
 
 
 class CausalRunner:
@@ -81,6 +93,7 @@ class CausalRunner:
         # model computes in (an int8 model's activations are fp32 even when its slabs are bf16).
         self.prefix_cache = prefix_cache
         self.compute_dtype = self.body.norm.weight.dtype
+        self.joining: _Joining | None = None  # a block whose prompt is being read in, chunk by chunk
 
     @staticmethod
     def cache_size(config: Any, max_blocks: int, max_length: int, element_size: int = 4) -> int:
@@ -101,24 +114,54 @@ class CausalRunner:
 
     @torch.inference_mode()
     def add_block(self, input_ids: list[int]) -> int:
-        """Prefill one request's prompt (all but its last token, which the next step feeds).
+        """Prefill one request's prompt (all but its last token, which the next step feeds) at once."""
+        self.begin_block(input_ids)
+        self.prefill_some(None)
+        return self.blocks - 1
+
+    @torch.inference_mode()
+    def begin_block(self, input_ids: list[int]) -> int:
+        """Start a block whose prompt `prefill_some` then reads in; returns the positions left to read.
 
         Positions a kept row already holds (the longest common prefix, see `prefix_cache.py`) are
-        copied in; only the rest runs through the model, attending over them.
+        copied in at once. The joining block sits in the row after the last block, so steps (over
+        rows `[:blocks]`) leave it alone until it has joined; one block joins at a time.
         """
         if self.blocks >= self.max_blocks:
             raise RuntimeError("no free block")
+        if self.joining is not None:
+            raise RuntimeError("a block is already joining")
         if not 0 < len(input_ids) < self.max_length:
             raise ValueError(f"a prompt must have 1 to {self.max_length - 1} tokens, got {len(input_ids)}")
-        block = self.blocks
         prefix = len(input_ids) - 1
-        reused = self._copy_cached(block, input_ids[:prefix]) if prefix and self.prefix_cache is not None else 0
-        if prefix > reused:
-            self._prefill(block, input_ids[reused:prefix], reused)
+        reused = self._copy_cached(self.blocks, input_ids[:prefix]) if prefix and self.prefix_cache else 0
         if self.prefix_cache is not None:
             self.prefix_cache.counters.record(reused, prefix - reused)
-        self.blocks += 1
-        return block
+        self.joining = _Joining(list(input_ids), reused, prefix)
+        return prefix - reused
+
+    @torch.inference_mode()
+    def prefill_some(self, budget: int | None) -> int:
+        """Read up to `budget` more tokens of the joining block's prompt (None: all of it).
+
+        Returns how many are left; at 0 the block has joined, as the last block (`blocks - 1`).
+        """
+        joining = self.joining
+        if joining is None:
+            raise RuntimeError("no block is joining")
+        end = joining.target if budget is None else min(joining.target, joining.filled + max(budget, 1))
+        if end > joining.filled:
+            self._prefill(self.blocks, joining.tokens[joining.filled : end], joining.filled)
+            joining.filled = end
+        left = joining.target - joining.filled
+        if not left:
+            self.joining = None
+            self.blocks += 1
+        return left
+
+    def cancel_joining(self) -> None:
+        """Forget the joining block (its request failed or gave up)."""
+        self.joining = None
 
     def _copy_cached(self, block: int, tokens: list[int]) -> int:
         """Copy the longest cached prefix of `tokens` into the row; returns its length."""
@@ -183,10 +226,15 @@ class CausalRunner:
             for slab in (*self.keys, *self.values):
                 slab[block] = slab[last]
         self.blocks = last
+        if self.joining is not None:  # the joining row follows the last block down
+            filled = self.joining.filled
+            for slab in (*self.keys, *self.values):
+                slab[last, :, :filled] = slab[last + 1, :, :filled]
 
     def reset(self) -> None:
-        """Drop every block (the slabs' contents are overwritten by the next prompts)."""
+        """Drop every block, and the joining one (the slabs' contents are overwritten by the next prompts)."""
         self.blocks = 0
+        self.joining = None
 
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the cache of row `order[i]` (never needed while every request has one row)."""

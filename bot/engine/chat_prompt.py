@@ -18,6 +18,24 @@ turn always stay; older turns are dropped whole, oldest first, with a binary sea
 kept history starts (a few renders, not one per turn). A newest turn that is too long on its own
 loses its beginning and keeps its end, cut at token boundaries, again by binary search.
 
+Where the kept history starts must not move with every new message: the engine keeps the keys and
+values of a conversation's last prompt (`prefix_cache.py`), and only a prompt that starts with the
+same tokens reuses them. Dropping as few turns as possible would move the start by a turn or two
+at every message once a conversation outgrows its budget, and every reply would re-read the whole
+history. So a cut history starts at a turn chosen by its content (winnowing, as in document
+fingerprinting): of the user turns it may start at, those from the oldest that fits to the newest
+that still leaves `MIN_KEPT_SHARE` of the budget, the one whose speaker and text hash lowest
+(`start_rank`). As messages are added, the window slides forward but its lowest-ranked turn
+usually stays the same, so the prompt grows at its end only; when the history outgrows the budget
+from there (or a newer turn ranks lower), the start jumps several turns at once. Ranks depend on
+the turns alone, not on their positions, so the same start is found again even when the stored
+history is itself a sliding window.
+
+The trade-off: right after a cut the model sees less history than would fit (never less than
+MIN_KEPT_SHARE of the budget), in exchange for reading only the new message and reply, not the
+whole history, at most turns (about half of them once a conversation outgrows a budget of six
+exchanges; at best two in three with this share).
+
 Text that users wrote is tokenized with `sanitize_control_tokens=True` where the tokenizer offers
 it, so a message containing `<|im_start|>system` is read as plain text, not as a control token.
 
@@ -30,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,6 +57,15 @@ from bot.core.types import Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+# A cut history keeps at least this share of the budget (see above): the lower, the longer a cut
+# prefix lasts, and the less history the model sees just after a cut.
+MIN_KEPT_SHARE = 0.5
+
+
+def start_rank(turn: Turn) -> int:
+    """Where a cut history prefers to start: the lowest rank among the user turns it may start at."""
+    return zlib.crc32(f"{turn.speaker or ''}\x00{turn.text}".encode())
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -109,8 +137,8 @@ def _cut_points(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return sorted(s for s in starts if 0 < s < len(text)) + [len(text)]
 
 
-def _first_fitting(lo: int, hi: int, best: list[int], fits: Callable[[int], list[int] | None]) -> list[int]:
-    """The ids of the smallest index in (lo, hi] that fits, by binary search.
+def _first_fitting(lo: int, hi: int, best: list[int], fits: Callable[[int], list[int] | None]) -> tuple[int, list[int]]:
+    """The smallest index in (lo, hi] that fits and its ids, by binary search.
 
     `fits(i)` returns the ids of candidate i, or None when they do not fit. The caller knows that lo
     does not fit (or is -1) and that hi does, with ids `best`. Whatever the shape of `fits`, the
@@ -123,7 +151,38 @@ def _first_fitting(lo: int, hi: int, best: list[int], fits: Callable[[int], list
             lo = mid
         else:
             hi, best = mid, ids
-    return best
+    return hi, best
+
+
+def _stable_start(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[Turn],
+    fewest: int,
+    ids: list[int],
+    *,
+    system_prompt: str,
+    extra: dict[str, Any],
+    budget: int,
+) -> list[int]:
+    """The cut history from the lowest-ranked user turn between `fewest` (the oldest start that fits,
+    rendered as `ids`) and the newest start that keeps MIN_KEPT_SHARE of the budget."""
+    floor = budget * MIN_KEPT_SHARE
+    if len(ids) < floor:
+        return ids
+
+    def render(i: int) -> list[int]:
+        return render_chat_ids(tokenizer, turns[i:], system_prompt=system_prompt, extra=extra)
+
+    lo, hi = fewest, len(turns) - 1  # turns[lo:] keeps enough; the newest alone is no choice
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(render(mid)) >= floor:
+            lo = mid
+        else:
+            hi = mid
+    users = [i for i in range(fewest, lo + 1) if turns[i].role == "user"]
+    best = min(users, key=lambda i: start_rank(turns[i]), default=fewest)
+    return ids if best == fewest else render(best)
 
 
 def build_chat_ids(
@@ -133,9 +192,11 @@ def build_chat_ids(
     the tokenizer's chat template and ending with the generation prompt (the model answers next).
 
     The system message (when `system_prompt` is not empty) and the newest turn always stay; older
-    turns are dropped whole, oldest first, until the conversation fits, so adding back the next
-    older turn would not fit. A newest turn too long on its own keeps its end: its text is cut at a
-    token boundary, as little as the budget allows (its speaker's name stays).
+    turns are dropped whole, oldest first, until the conversation fits; then, so that the next
+    messages keep the same prefix, up to the lowest-ranked user turn (`start_rank`) that still
+    leaves MIN_KEPT_SHARE of the budget (see the module's docstring). A newest turn too long on its own
+    keeps its end: its text is cut at a token boundary, as little as the budget allows (its
+    speaker's name stays).
 
     Raises ValueError if `turns` is empty or does not end with a user turn, or if the system message
     and an empty newest message already exceed the budget.
@@ -155,7 +216,8 @@ def build_chat_ids(
         return whole
     newest_alone = fitting(turns[-1:]) if len(turns) > 1 else None
     if newest_alone is not None:  # where the kept history starts: turns[0] does not fit, turns[-1] does
-        return _first_fitting(0, len(turns) - 1, newest_alone, lambda i: fitting(turns[i:]))
+        start, ids = _first_fitting(0, len(turns) - 1, newest_alone, lambda i: fitting(turns[i:]))
+        return _stable_start(tokenizer, turns, start, ids, system_prompt=system_prompt, extra=extra, budget=budget)
 
     newest = turns[-1]
     points = _cut_points(tokenizer, newest.text)
@@ -171,4 +233,4 @@ def build_chat_ids(
             f"a budget of {budget} tokens cannot hold even the system prompt and an empty message ({size} tokens)"
         )
     # where the kept text starts: the whole text (-1) does not fit, the empty one does
-    return _first_fitting(-1, len(points) - 1, empty, cut_fitting)
+    return _first_fitting(-1, len(points) - 1, empty, cut_fitting)[1]

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -108,8 +108,13 @@ class Scheduler:
         decode: Callable[[list[int]], str],
         *,
         max_queue: int,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self.runner = runner
+        # While replies are running, a new prompt is read in at most this many tokens per step
+        # (0: at once when it joins); only runners that can (`begin_block`, the causal one) do.
+        self.prefill_chunk_tokens = prefill_chunk_tokens if hasattr(runner, "begin_block") else 0
+        self._joining: tuple[Request, float] | None = None  # the request being read in, and when it was
         self.plan = plan
         self.generation_config = generation_config
         self.decode = decode
@@ -155,16 +160,18 @@ class Scheduler:
             self._die(exc)
             return
         closed = EngineClosed("the bot is shutting down")
+        self._drop_joining(closed)
         self._fail_running(closed)
         self._fail_waiting(closed)
 
     def _go_round(self) -> None:
         """One turn of the loop: admit (waiting for work when idle), step, expire."""
         self.beat = time.monotonic()
-        if not self._running and not self._admit(block=True):
+        if not self._running and self._joining is None and not self._admit(block=True):
             return
         self.beat = time.monotonic()
         self._admit(block=False)
+        self._read_joining()
         if self._running:
             self._step()
         self._expire()
@@ -181,6 +188,9 @@ class Scheduler:
         self.counters.running = 0
         for entry in running:
             self._finish(entry.request, None, error)
+        if self._joining is not None:
+            self._finish(self._joining[0], None, error)
+            self._joining = None
         self.runner.reset()  # if this fails too, the loop cannot go on (see `run`)
 
     def _die(self, exc: BaseException) -> None:
@@ -194,12 +204,19 @@ class Scheduler:
         for entry in self._running:
             self._finish(entry.request, None, error)
         self._running = []
+        if self._joining is not None:
+            self._finish(self._joining[0], None, error)
+            self._joining = None
         self.counters.running = 0
         self._fail_waiting(error)
 
     def _admit(self, *, block: bool) -> bool:
-        """Move waiting requests into the batch while there is room; False if the loop must stop."""
-        while len(self._running) < self.runner.max_blocks:
+        """Move waiting requests into the batch while there is room; False if the loop must stop.
+
+        With `prefill_chunk_tokens` and replies running, a request starts joining instead (its
+        prompt is read in over the next steps, `_read_joining`) and no other is admitted meanwhile.
+        """
+        while len(self._running) < self.runner.max_blocks and self._joining is None:
             try:
                 item = self._queue.get() if block else self._queue.get_nowait()
             except queue.Empty:
@@ -214,22 +231,54 @@ class Scheduler:
                 self._finish(item, None, GenerationTimeout("waited past the deadline"))
                 continue
             try:
+                if self.prefill_chunk_tokens and self._running:
+                    cast(Any, self.runner).begin_block(item.input_ids)
+                    self._joining = (item, now)
+                    continue
                 slot = self.runner.add_block(item.input_ids)
             except Exception as exc:
                 log.exception("could not start a reply")
                 self._finish(item, None, EngineError(f"generation failed: {exc}"))
                 continue
-            try:
-                search = self._new_search(item)
-            except Exception as exc:
-                log.exception("could not start a reply's search")
-                self.runner.remove_block(slot)
-                self._finish(item, None, EngineError(f"generation failed: {exc}"))
-                continue
-            self._running.append(_Running(item, search))
-            self.counters.running = len(self._running)
-            self.counters.queue_waits.append(now - item.submitted)
+            self._start(item, slot, now)
         return True
+
+    def _read_joining(self) -> None:
+        """Read the joining request's next chunk (all the rest when nothing else runs); start it once read."""
+        if self._joining is None:
+            return
+        item, admitted = self._joining
+        runner = cast(Any, self.runner)
+        try:
+            left = runner.prefill_some(self.prefill_chunk_tokens if self._running else None)
+        except Exception as exc:
+            log.exception("could not read a prompt in")
+            runner.cancel_joining()
+            self._joining = None
+            self._finish(item, None, EngineError(f"generation failed: {exc}"))
+            return
+        if not left:
+            self._joining = None
+            self._start(item, self.runner.rows - 1, admitted)
+
+    def _drop_joining(self, error: BaseException) -> None:
+        if self._joining is not None:
+            cast(Any, self.runner).cancel_joining()
+            self._finish(self._joining[0], None, error)
+            self._joining = None
+
+    def _start(self, item: Request, slot: int, admitted: float) -> None:
+        """A request whose prompt is read in starts decoding (or fails alone, if its search cannot start)."""
+        try:
+            search = self._new_search(item)
+        except Exception as exc:
+            log.exception("could not start a reply's search")
+            self.runner.remove_block(slot)
+            self._finish(item, None, EngineError(f"generation failed: {exc}"))
+            return
+        self._running.append(_Running(item, search))
+        self.counters.running = len(self._running)
+        self.counters.queue_waits.append(admitted - item.submitted)
 
     def _new_search(self, request: Request) -> Search:
         if self.runner.encoder_decoder:  # the decoder starts from its start token, beside the prompt
@@ -299,6 +348,13 @@ class Scheduler:
     def _expire(self) -> None:
         """Stop requests past their own deadline, or whose waiter has gone; the others keep running."""
         now = time.monotonic()
+        if self._joining is not None:
+            joining = self._joining[0]
+            if joining.abandoned():
+                cast(Any, self.runner).cancel_joining()
+                self._joining = None
+            elif now >= joining.deadline:
+                self._drop_joining(GenerationTimeout(f"stopped after {now - joining.submitted:.1f}s"))
         late: list[int] = []
         for i, entry in enumerate(self._running):
             if entry.request.abandoned():
