@@ -1,4 +1,5 @@
-"""Listening: when to answer (mention, reply or DM), cleaning the text, typing, replying, streaming and splitting."""
+"""Listening: when to answer (mention, reply, DM, or any message in a listening channel) and where not
+(a server's settings, ALLOW_DMS), cleaning the text, typing, replying, streaming and splitting."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import discord
 from discord.ext import commands
 
 from bot.client.streaming import POST_ERRORS, StreamingReply, split_message
+from bot.core.guild_settings import GuildConfig
 from bot.core.outcomes import CLOSING, ERROR_TEXT
 from bot.core.types import Conversation, Reply
 
@@ -75,15 +77,22 @@ class Chat(commands.Cog):
         )
         self._noticed_until: dict[int, float] = {}
         self._last_post: dict[int, asyncio.Future[None]] = {}  # per channel: the latest reply's post
+        self._listened_at: dict[int, float] = {}  # per listening channel: when its last unaddressed message was taken
 
-    def addressed_to_me(self, message: discord.Message) -> bool:
+    def from_a_person(self, message: discord.Message) -> bool:
+        """A person's own chat message: not a bot's (this one's included), a webhook's or a system message."""
         me = self.bot.user
         if me is None or message.author.bot or message.webhook_id is not None:
             return False
-        if message.author.id == me.id or message.type not in (discord.MessageType.default, discord.MessageType.reply):
+        return message.author.id != me.id and message.type in (discord.MessageType.default, discord.MessageType.reply)
+
+    def addressed_to_me(self, message: discord.Message) -> bool:
+        if not self.from_a_person(message):
             return False
         if message.guild is None:
             return True
+        me = self.bot.user
+        assert me is not None
         if me in message.mentions or replies_to(message, me.id):
             return True
         own_role = message.guild.self_role
@@ -103,25 +112,75 @@ class Chat(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if not self.addressed_to_me(message):
+        if not self.from_a_person(message):
             return
         task = asyncio.current_task()
         if task is not None:
             self.bot.track(task)
         try:
-            await self.answer(message)
+            addressed = self.addressed_to_me(message)
+            if message.guild is None:
+                if not self.bot.settings.allow_dms:
+                    log.debug("DM %s not answered: ALLOW_DMS is off", message.id)
+                    return
+                await self.answer(message)
+                return
+            # Read without suspending while the copy is fresh (see GuildSettings.get), so messages keep their order.
+            config = await self.bot.chat.guilds.get(message.guild.id)
+            if self.for_me_here(message, config, addressed):
+                await self.answer(message, config=config, addressed=addressed)
         except Exception:
             log.exception("could not answer message %s in channel %s", message.id, message.channel.id)
 
-    async def answer(self, message: discord.Message) -> None:
+    def for_me_here(self, message: discord.Message, config: GuildConfig, addressed: bool) -> bool:
+        """Whether to answer a server message under its server's settings: where the bot may speak,
+        who it ignores, and, unaddressed, whether the channel listens and its pace allows one more."""
+        channel_id, category_id, parent_id = place_of(message.channel)
+        if not config.may_speak(channel_id, category_id):
+            if addressed:
+                log.debug("message %s: the bot may not speak in channel %s; silent", message.id, message.channel.id)
+            return False
+        roles = [role.id for role in getattr(message.author, "roles", [])]
+        if config.ignores(message.author.id, roles):
+            if addressed:
+                log.debug("message %s: its author is blocked in this server; silent", message.id)
+            return False
+        if addressed:
+            return True
+        pace = config.pace(message.channel.id, parent_id)
+        if pace is None or self.between_people(message):
+            return False
+        now = time.monotonic()
+        last = self._listened_at.get(message.channel.id)
+        if last is not None and now - last < pace:
+            log.debug("message %s: listening channel %s is paced (%gs); skipped", message.id, message.channel.id, pace)
+            return False
+        if len(self._listened_at) > 10_000:  # forget channels that have been quiet for a while
+            self._listened_at = {c: t for c, t in self._listened_at.items() if now - t < 3600}
+        self._listened_at[message.channel.id] = now
+        return True
+
+    def between_people(self, message: discord.Message) -> bool:
+        """A message to somebody else: a reply to another person's message, or one that mentions only people."""
+        if message.reference is not None and message.reference.type is discord.MessageReferenceType.reply:
+            return True  # a reply to the bot is addressed to it and never gets here
+        return any(not user.bot for user in message.mentions)
+
+    async def answer(
+        self, message: discord.Message, *, config: GuildConfig | None = None, addressed: bool = True
+    ) -> None:
+        """Answer `message`. Unaddressed (a listening channel), notices are not posted: the message
+        was not for the bot, so a closing bot, an empty text or a cooldown are silent."""
         if not self.bot.accepting:
-            await self.send(message, self.bot.chat.turn_away(CLOSING).text)
+            if addressed:
+                await self.send(message, self.bot.chat.turn_away(CLOSING).text)
             return
         text = self.text_for_model(message)
         if not text:
-            await self.send(message, ATTACHMENT_ONLY_TEXT if message.attachments else EMPTY_MENTION_TEXT)
+            if addressed:
+                await self.send(message, ATTACHMENT_ONLY_TEXT if message.attachments else EMPTY_MENTION_TEXT)
             return
-        if await self.cooling_down(message):
+        if await self.cooling_down(message, quiet=not addressed):
             return
         log.debug("message %s in %s: %r", message.id, message.channel.id, text)
         conversation = Conversation(message.channel.id, message.guild.id if message.guild else None)
@@ -133,6 +192,16 @@ class Chat(commands.Cog):
         stream = StreamingReply(message, after=previous) if self.streaming else None
         # In a server the model is told who is speaking (several people share a channel); a DM has one.
         speaker = message.author.display_name if message.guild is not None else None
+        persona = None
+        if config is not None and message.guild is not None and (config.persona or config.channel_personas):
+            _, _, parent_id = place_of(message.channel)
+            persona = self.bot.chat.persona_for(
+                config,
+                message.channel.id,
+                parent_id=parent_id,
+                server=message.guild.name,
+                channel=getattr(message.channel, "name", None) or "",
+            )
 
         async def post(reply: Reply) -> bool:
             """Show the reply (streamed: its last edit); the chat service stores it only when this is True."""
@@ -154,6 +223,7 @@ class Chat(commands.Cog):
                 speaker=speaker,
                 on_partial=stream.update if stream is not None else None,
                 post=post,
+                system_prompt=persona,
             )
         )
         try:
@@ -177,8 +247,9 @@ class Chat(commands.Cog):
         """Replies are shown while written: STREAM_REPLIES is on and the engine can stream (greedy decoding)."""
         return self.bot.settings.stream_replies and self.bot.chat.can_stream
 
-    async def cooling_down(self, message: discord.Message) -> bool:
-        """True if the author is over the rate; they get one notice per cooldown, not one per message."""
+    async def cooling_down(self, message: discord.Message, *, quiet: bool = False) -> bool:
+        """True if the author is over the rate; they get one notice per cooldown, not one per message
+        (none when `quiet`)."""
         if self.cooldown is None:
             return False
         retry_after = self.cooldown.update_rate_limit(message)
@@ -186,7 +257,7 @@ class Chat(commands.Cog):
             return False
         now = time.monotonic()
         self._noticed_until = {uid: t for uid, t in self._noticed_until.items() if t > now}
-        if message.author.id not in self._noticed_until:
+        if message.author.id not in self._noticed_until and not quiet:
             self._noticed_until[message.author.id] = now + retry_after
             await self.send(message, COOLDOWN_TEXT.format(seconds=max(1.0, retry_after)))
         return True
@@ -211,6 +282,17 @@ class Chat(commands.Cog):
                 log.warning("could not post in channel %s: %s", message.channel.id, exc)
                 return False
         return True
+
+
+def place_of(channel: object) -> tuple[int, int | None, int | None]:
+    """Where a message was said, for a server's settings: (the channel, its category, a thread's parent).
+
+    A thread follows its parent channel: the first id is the parent's, and the category the parent's.
+    """
+    if isinstance(channel, discord.Thread):
+        parent = channel.parent
+        return channel.parent_id, getattr(parent, "category_id", None), channel.parent_id
+    return getattr(channel, "id", 0), getattr(channel, "category_id", None), None
 
 
 def replies_to(message: discord.Message, user_id: int) -> bool:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # The cogs loaded at start, in this order. A cog is a module in cogs/ with an `async def setup(bot)` that
 # adds it; it is loaded only once it is listed here. A new slash command goes into the cog for its
 # audience (cogs/everyone.py for anyone, cogs/admin.py for moderators) or a new cog listed here.
-EXTENSIONS = ("cogs.chat", "cogs.admin", "cogs.everyone")
+EXTENSIONS = ("cogs.chat", "cogs.admin", "cogs.config", "cogs.everyone")
 
 
 class ChatBot(commands.AutoShardedBot):
@@ -150,11 +150,20 @@ def _shard_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+# How Discord's client names a permission, where that differs from discord.py's attribute.
+PERMISSION_NAMES = {"manage_guild": "Manage Server", "manage_messages": "Manage Messages"}
+
+
 async def answer_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
     """Every slash command's failure, whatever its cog: a short private answer, and the log for the rest."""
     name = interaction.command and interaction.command.name
     if isinstance(error, app_commands.MissingPermissions):
-        text = "You need the **Manage Messages** permission to do that."
+        names = " and ".join(
+            f"**{PERMISSION_NAMES.get(p, p.replace('_', ' ').title())}**" for p in error.missing_permissions
+        )
+        text = f"You need the {names} permission to do that."
+    elif isinstance(error, app_commands.NoPrivateMessage):
+        text = "This command works only in a server."
     elif isinstance(error, app_commands.CheckFailure):
         text = "You can't use this command here."
     else:

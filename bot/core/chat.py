@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from bot.core.engine_api import EngineError, EngineStats, ReplyEngine
-from bot.core.guild_settings import PERSONA_MAX_CHARS, GuildSettings, render_persona
+from bot.core.guild_settings import PERSONA_MAX_CHARS, GuildConfig, GuildSettings, render_persona
 from bot.core.outcomes import BUSY, EMPTY, FAILED, Outcome, outcome_of
 from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore
@@ -183,16 +183,14 @@ class ChatService:
             else:
                 self._locks[channel_id] = (lock, users - 1)
 
-    async def persona_for(
-        self, conversation: Conversation, *, parent_id: int | None, server: str, channel: str
+    def persona_for(
+        self, config: GuildConfig, channel_id: int, *, parent_id: int | None, server: str, channel: str
     ) -> str | None:
-        """The system prompt for a reply here: the channel's persona (a thread's own, else its parent
-        channel's), else the server's, with `{server}`, `{channel}` and `{date}` filled in; None (the
-        engine's SYSTEM_PROMPT) when neither has one, and always in a DM."""
-        if conversation.guild_id is None:
-            return None
-        config = await self.guilds.get(conversation.guild_id)
-        template, _ = config.persona_for(conversation.channel_id, parent_id)
+        """The system prompt for a reply in a server channel or thread with settings `config` (from
+        `guilds.get`): the channel's persona (a thread's own, else its parent channel's), else the
+        server's, with `{server}`, `{channel}` and `{date}` filled in; None (the engine's SYSTEM_PROMPT)
+        when neither has one."""
+        template, _ = config.persona_for(channel_id, parent_id)
         return None if template is None else render_persona(template, server=server, channel=channel)
 
     def check_persona(self, rendered: str) -> str | None:

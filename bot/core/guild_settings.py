@@ -15,6 +15,7 @@ Rows (kind, target, value):
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -128,20 +129,38 @@ class GuildSettings:
         self.store = store
         self.ttl = ttl
         self._cache: dict[int, tuple[float, GuildConfig]] = {}
+        self._reading: dict[int, asyncio.Future[GuildConfig]] = {}
+        self._changes = 0  # counts this process's changes: a read begun before one does not fill the cache
 
     async def get(self, guild_id: int) -> GuildConfig:
         """The server's settings. If the database cannot be read, the last copy read stays in force
-        (the defaults when there is none): a database outage does not stop the bot answering."""
-        now = time.monotonic()
+        (the defaults when there is none): a database outage does not stop the bot answering.
+
+        A fresh copy is returned without suspending, and callers that find it stale share one read and
+        resume in the order they asked, so messages keep their order in the channel."""
         cached = self._cache.get(guild_id)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        reading = self._reading.get(guild_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(guild_id, cached[1] if cached else None))
+            self._reading[guild_id] = reading
+            reading.add_done_callback(lambda done: self._done_reading(guild_id, done))
+        return await asyncio.shield(reading)
+
+    def _done_reading(self, guild_id: int, done: asyncio.Future[GuildConfig]) -> None:
+        if self._reading.get(guild_id) is done:
+            del self._reading[guild_id]
+
+    async def _read(self, guild_id: int, last: GuildConfig | None) -> GuildConfig:
+        changes = self._changes
         try:
             config = GuildConfig.from_rows(await self.store.guild_settings(guild_id))
         except HistoryError as exc:
-            config = cached[1] if cached is not None else GuildConfig()
+            config = last if last is not None else GuildConfig()
             log.warning("could not read the settings of server %s (%s); using the last known ones", guild_id, exc)
-        self._cache[guild_id] = (time.monotonic() + self.ttl, config)
+        if changes == self._changes:
+            self._cache[guild_id] = (time.monotonic() + self.ttl, config)
         return config
 
     async def set(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
@@ -149,11 +168,16 @@ class GuildSettings:
         try:
             return await self.store.set_guild_setting(guild_id, kind, target, value)
         finally:
-            self._cache.pop(guild_id, None)
+            self._forget_copy(guild_id)
+
+    def _forget_copy(self, guild_id: int) -> None:
+        self._changes += 1
+        self._cache.pop(guild_id, None)
+        self._reading.pop(guild_id, None)  # a read begun before the change may not see it
 
     async def forget(self, guild_id: int) -> int:
         """Delete every setting of a server (the bot left it). Raises `HistoryError`."""
         try:
             return await self.store.delete_guild_settings(guild_id)
         finally:
-            self._cache.pop(guild_id, None)
+            self._forget_copy(guild_id)

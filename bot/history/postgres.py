@@ -56,7 +56,7 @@ POOL_WAIT_S = 5.0
 # the next call that finds no connection starts a new attempt at once.
 RECONNECT_S = 2.0
 
-_SCHEMA = (
+_SCHEMA: tuple[str, ...] = (
     """CREATE TABLE turns (
         id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         channel_id  BIGINT NOT NULL,

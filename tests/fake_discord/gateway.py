@@ -121,7 +121,7 @@ class Gateway:
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         """Send a DISPATCH (op 0) to the session(s) of the shard it belongs to: the guild's shard, or shard 0
         for a DM. Kept in each session's log for RESUME."""
-        guild_id = data.get("guild_id")
+        guild_id = data.get("id" if event in ("GUILD_CREATE", "GUILD_DELETE") else "guild_id")
         sessions = [s for s in self.shards.values() if self._routes_to(s, int(guild_id) if guild_id else None)]
         if not sessions:
             where = f"guild {guild_id}" if guild_id else "a DM"
@@ -138,7 +138,7 @@ class Gateway:
         return shard_id == 0 if guild_id is None else shard_of(guild_id, count) == shard_id
 
     async def _dispatch_locked(self, session: Session, event: str, data: dict[str, Any] | None) -> None:
-        guild = (data or {}).get("id" if event == "GUILD_CREATE" else "guild_id")
+        guild = (data or {}).get("id" if event in ("GUILD_CREATE", "GUILD_DELETE") else "guild_id")
         self.deliveries.append((session.shard, event, int(guild) if guild else None))
         session.seq += 1
         session.log.append((session.seq, event, data))  # type: ignore[arg-type]

@@ -71,12 +71,25 @@ def validate_command(index: int, cmd: Any) -> None:
     whole_number = isinstance(dmp, int) and not isinstance(dmp, bool) and dmp >= 0
     if dmp is not None and not (whole_number or (isinstance(dmp, str) and dmp.isdigit())):
         raise form_error(f"{index}.default_member_permissions", "NUMBER_TYPE_COERCE", "Value is not int.")
-    options = cmd.get("options") or []
+    _validate_options(str(index), cmd.get("options") or [])
+
+
+def _validate_options(at: str, options: list[Any]) -> None:
+    """A command's options, and a subcommand's (type 1) or subcommand group's (type 2) in turn."""
     if len(options) > 25:
-        raise form_error(f"{index}.options", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
+        raise form_error(f"{at}.options", "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
     seen_optional = False
+    nested = [o.get("type") in (1, 2) for o in options]
+    if any(nested) and not all(nested):
+        raise form_error(
+            f"{at}.options",
+            "APPLICATION_COMMAND_OPTIONS_TYPE_INVALID",
+            "Sub-command and sub-command group option types are mutually exclusive to all other types",
+        )
     for o_index, option in enumerate(options):
-        where = f"{index}.options.{o_index}"
+        where = f"{at}.options.{o_index}"
+        if option.get("type") in (1, 2):
+            _validate_options(where, option.get("options") or [])
         if not _COMMAND_NAME.match(option.get("name", "")):
             raise form_error(f"{where}.name", "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
         if not 1 <= len(option.get("description") or "") <= 100:

@@ -33,7 +33,7 @@ from aiohttp import web
 from tests.fake_discord.gateway import Gateway, Heartbeat
 from tests.fake_discord.rest import API_PREFIX, Interaction, Rest, RestCall
 from tests.fake_discord.rules import MESSAGE_LIMIT, NITRO_MESSAGE_LIMIT
-from tests.fake_discord.world import ADMINISTRATOR, Channel, User, World, iso
+from tests.fake_discord.world import ADMINISTRATOR, GUILD_CATEGORY, Channel, Role, User, World, iso
 
 TYPING_SHOWN_S = 10.0  # how long one typing request shows the indicator
 
@@ -380,13 +380,31 @@ class FakeDiscord:
             message = await self.send(author, channel, text)
         return (await self.wait_reply(message, timeout=timeout))["content"]
 
-    async def add_text_channel(self, name: str) -> Channel:
-        channel = self.world.add_text_channel(name)
+    async def add_text_channel(self, name: str, *, category: Channel | None = None) -> Channel:
+        channel = self.world.add_text_channel(name, category=category)
         await self.gateway.dispatch("CHANNEL_CREATE", channel.payload())
         return channel
 
+    async def add_category(self, name: str) -> Channel:
+        category = self.world.add_text_channel(name, type=GUILD_CATEGORY)
+        await self.gateway.dispatch("CHANNEL_CREATE", category.payload())
+        return category
+
+    async def add_thread(self, name: str, parent: Channel, owner: User) -> Channel:
+        thread = self.world.add_thread(name, parent, owner)
+        await self.gateway.dispatch("THREAD_CREATE", {**thread.payload(), "newly_created": True})
+        return thread
+
+    async def remove_bot(self, guild_id: int) -> None:
+        """The bot is kicked from a server (or the server deleted): GUILD_DELETE without `unavailable`,
+        as Discord sends it; the server's channels are gone for the bot."""
+        guild = self.world.guilds.pop(guild_id)
+        for channel_id in [c.id for c in self.world.channels.values() if c.guild_id == guild.id]:
+            del self.world.channels[channel_id]
+        await self.gateway.dispatch("GUILD_DELETE", {"id": str(guild_id)})
+
     async def slash(
-        self, user: User, channel: Channel, name: str, *, force: bool = False, age: float = 0.0, **options: Any
+        self, user: User, channel: Channel, name: str, /, *, force: bool = False, age: float = 0.0, **options: Any
     ) -> Interaction:
         """`user` runs `/name option:value ...` in `channel`; the bot receives INTERACTION_CREATE.
 
@@ -397,8 +415,10 @@ class FakeDiscord:
         """
         w = self.world
         guild_id = channel.guild_id
-        command = self.commands.get((guild_id, name)) if guild_id else None
-        command = command or self.commands.get((None, name))
+        command_name, _, sub = name.partition(" ")
+        subcommand = sub or None
+        command = self.commands.get((guild_id, command_name)) if guild_id else None
+        command = command or self.commands.get((None, command_name))
         if command is None:
             raise CommandNotAvailable(f"/{name} was never synced")
         context = 0 if guild_id else 1
@@ -414,23 +434,35 @@ class FakeDiscord:
             if not (perms & ADMINISTRATOR or ((perms & need) == need and need != 0)):
                 raise CommandNotAvailable(f"/{name} is hidden from {user.username} (needs {need})")
 
-        data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1}
+        data: dict[str, Any] = {"id": command["id"], "name": command_name, "type": 1}
         if command.get("guild_id"):
             data["guild_id"] = command["guild_id"]
         defs = {o["name"]: o for o in command.get("options", [])}
+        if subcommand is not None:  # `/group sub ...`: the group's options are its subcommands (type 1)
+            if subcommand not in defs or defs[subcommand]["type"] != 1:
+                raise CommandNotAvailable(f"/{command_name} has no subcommand {subcommand!r}")
+            defs = {o["name"]: o for o in defs[subcommand].get("options", [])}
+        elif any(o["type"] in (1, 2) for o in defs.values()):
+            raise CommandNotAvailable(f"/{name} is a group: name one of its subcommands")
         values = []
+        resolved: dict[str, dict[str, Any]] = {}
         for key, value in options.items():
             if key not in defs:
                 raise CommandNotAvailable(f"/{name} has no option {key!r}")
             choices = defs[key].get("choices")
             if choices and value not in [c["value"] for c in choices]:
                 raise CommandNotAvailable(f"{value!r} is not a choice of /{name} {key}")
+            value = self._option_value(defs[key], value, user, channel, resolved)
             values.append({"name": key, "type": defs[key]["type"], "value": value})
         missing = [k for k, o in defs.items() if o.get("required") and k not in options]
         if missing:
             raise CommandNotAvailable(f"/{name} needs {missing}")
+        if subcommand is not None:
+            values = [{"name": subcommand, "type": 1, "options": values}]
         if values:
             data["options"] = values
+        if resolved:
+            data["resolved"] = resolved
 
         iid = w.ids.next()
         token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(48)
@@ -465,6 +497,40 @@ class FakeDiscord:
         self.interactions[iid] = record
         await self.gateway.dispatch("INTERACTION_CREATE", payload)
         return record
+
+    def _option_value(
+        self, option: dict[str, Any], value: Any, user: User, channel: Channel, resolved: dict[str, dict[str, Any]]
+    ) -> Any:
+        """An option's value as Discord sends it; a channel, user or role also goes into `resolved`, as
+        Discord does (with the invoking member's permissions in a resolved channel)."""
+        kind, w = option["type"], self.world
+        if kind == 7:  # CHANNEL
+            assert isinstance(value, Channel), f"option {option['name']} takes a Channel"
+            allowed = option.get("channel_types")
+            if allowed and value.type not in allowed:
+                raise CommandNotAvailable(f"option {option['name']} takes channel types {allowed}, not {value.type}")
+            if value.guild_id != channel.guild_id:
+                raise CommandNotAvailable("Discord offers only this server's channels")
+            data = {**value.payload(), "permissions": str(w.permissions_in(user.id, value))}
+            resolved.setdefault("channels", {})[str(value.id)] = data
+            return str(value.id)
+        if kind in (6, 8, 9):  # USER, ROLE, MENTIONABLE
+            if isinstance(value, Role):
+                if kind == 6:
+                    raise CommandNotAvailable(f"option {option['name']} takes a user")
+                resolved.setdefault("roles", {})[str(value.id)] = value.payload()
+                return str(value.id)
+            assert isinstance(value, User), f"option {option['name']} takes a User or a Role"
+            if kind == 8:
+                raise CommandNotAvailable(f"option {option['name']} takes a role")
+            resolved.setdefault("users", {})[str(value.id)] = value.payload()
+            members = w.guild_members(channel.guild_id)
+            if value.id in members:
+                member = members[value.id].payload(with_user=False)
+                member["permissions"] = str(w.permissions_in(value.id, channel))
+                resolved.setdefault("members", {})[str(value.id)] = member
+            return str(value.id)
+        return value
 
     # ----- the gateway, driven ------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ ADMINISTRATOR = 1 << 3
 ADD_REACTIONS = 1 << 6
 VIEW_CHANNEL = 1 << 10
 SEND_MESSAGES = 1 << 11
+MANAGE_GUILD = 1 << 5
 MANAGE_MESSAGES = 1 << 13
 EMBED_LINKS = 1 << 14
 ATTACH_FILES = 1 << 15
@@ -49,6 +50,7 @@ EVERYONE_PERMISSIONS = (
 # Channel types.
 GUILD_TEXT = 0
 DM = 1
+GUILD_CATEGORY = 4
 PUBLIC_THREAD = 11
 
 # Gateway intents.
@@ -373,18 +375,41 @@ class World:
         return self.guilds[guild_id].members if guild_id is not None else {}
 
     def add_text_channel(
-        self, name: str, *, overwrites: list[Overwrite] | None = None, guild_id: int | None = None
+        self,
+        name: str,
+        *,
+        overwrites: list[Overwrite] | None = None,
+        guild_id: int | None = None,
+        category: Channel | None = None,
+        type: int = GUILD_TEXT,
     ) -> Channel:
+        """A text channel (or, with `type=GUILD_CATEGORY`, a category), in `category` if given."""
         guild_id = self.guild_id if guild_id is None else guild_id
-        position = sum(1 for c in self.channels.values() if c.type == GUILD_TEXT and c.guild_id == guild_id)
+        assert category is None or (category.type == GUILD_CATEGORY and category.guild_id == guild_id)
+        position = sum(1 for c in self.channels.values() if c.type == type and c.guild_id == guild_id)
         return self._add(
             Channel(
                 self.ids.next(),
-                GUILD_TEXT,
+                type,
                 name=name,
                 guild_id=guild_id,
+                parent_id=category.id if category is not None else None,
                 position=position,
                 overwrites=list(overwrites or []),
+            )
+        )
+
+    def add_thread(self, name: str, parent: Channel, owner: User) -> Channel:
+        """A public thread in the text channel `parent`."""
+        assert parent.type == GUILD_TEXT and parent.guild_id is not None
+        return self._add(
+            Channel(
+                self.ids.next(),
+                PUBLIC_THREAD,
+                name=name,
+                guild_id=parent.guild_id,
+                parent_id=parent.id,
+                owner_id=owner.id,
             )
         )
 
