@@ -161,7 +161,7 @@ class Chat(commands.Cog):
         return True
 
     def between_people(self, message: discord.Message) -> bool:
-        """A message to somebody else: a reply to another person's message, or one that mentions only people."""
+        """A message to somebody else: a reply to another person's message, or one that mentions a person."""
         if message.reference is not None and message.reference.type is discord.MessageReferenceType.reply:
             return True  # a reply to the bot is addressed to it and never gets here
         return any(not user.bot for user in message.mentions)
