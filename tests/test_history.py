@@ -173,6 +173,37 @@ async def test_concurrent_appends_and_resets_keep_the_promise(database: str) -> 
         await b.close()
 
 
+async def test_replace_last_reply_regenerates_only_the_newest_bot_turn(store: HistoryStore) -> None:
+    await store.append(A, 7, Turn("user", "q1", "Bob"), Turn("bot", "a1"), Turn("user", "q2", "Bob"), Turn("bot", "a2"))
+    seen = await store.snapshot(A, 7)
+    assert not await store.replace_last_reply(A, 7, "a1", "new", expected=seen.epochs)  # not the newest turn
+    assert await store.replace_last_reply(A, 7, "a2", "a2, again", expected=seen.epochs)
+    assert await store.get(A) == [
+        Turn("user", "q1", "Bob"),
+        Turn("bot", "a1"),
+        Turn("user", "q2", "Bob"),
+        Turn("bot", "a2, again"),
+    ]
+    assert not await store.replace_last_reply(A, 7, "a2", "twice", expected=seen.epochs)  # it reads otherwise now
+    await store.append(A, 7, Turn("user", "q3"))
+    assert not await store.replace_last_reply(A, 7, "a2, again", "x", expected=seen.epochs)  # a user turn is newest
+    assert (await store.get(A))[-2:] == [Turn("bot", "a2, again"), Turn("user", "q3")]
+
+
+@pytest.mark.parametrize("clear", ["reset", "reset_guild", "forget_user"])
+async def test_replace_last_reply_refused_after_a_clear(store: HistoryStore, clear: str) -> None:
+    await store.append(A, 7, Turn("user", "q"), Turn("bot", "a"))
+    seen = await store.snapshot(A, 7)
+    await {
+        "reset": lambda: store.reset(A),
+        "reset_guild": lambda: store.reset_guild(100),
+        "forget_user": lambda: store.forget_user(7),
+    }[clear]()
+    await store.append(A, 7, Turn("user", "q"), Turn("bot", "a"))  # the same words again, after the clear
+    assert not await store.replace_last_reply(A, 7, "a", "regenerated", expected=seen.epochs)
+    assert (await store.get(A))[-1] == Turn("bot", "a")
+
+
 async def test_guild_settings_round_trip_and_removal(store: HistoryStore) -> None:
     assert await store.guild_settings(100) == []
     await store.set_guild_setting(100, "block", 11, "")

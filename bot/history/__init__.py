@@ -81,6 +81,17 @@ class HistoryStore(Protocol):
         """
         ...
 
+    async def replace_last_reply(
+        self, conversation: Conversation, user_id: int | None, old: str, new: str, *, expected: Epochs
+    ) -> bool:
+        """Replace the text of the conversation's newest turn (Regenerate), in one transaction.
+
+        Only if that turn is the bot's and reads `old`, and the channel, the server and `user_id` (the
+        person it answered) were not cleared since `expected` (from `snapshot`); otherwise nothing
+        changes and False is returned.
+        """
+        ...
+
     async def reset(self, conversation: Conversation) -> int:
         """Forget one conversation; returns how many turns were removed."""
         ...

@@ -236,6 +236,34 @@ class PostgresHistoryStore:
 
         return await self._transaction(write)
 
+    async def replace_last_reply(
+        self, conversation: Conversation, user_id: int | None, old: str, new: str, *, expected: Epochs
+    ) -> bool:
+        keys = (conversation.channel_id, conversation.guild_id, user_id)
+
+        async def write(cur: psycopg.AsyncCursor[Any]) -> bool:
+            await cur.execute(_ENSURE_EPOCHS, keys)
+            await cur.execute(_LOCK_EPOCHS, keys)  # a reset waits for this, or committed first
+            found = dict(await cur.fetchall())
+            now = Epochs(
+                int(found.get("channel", 0)),
+                int(found.get("guild", 0)) if conversation.guild_id is not None else 0,
+                int(found.get("user", 0)) if user_id is not None else 0,
+            )
+            if now != expected:
+                return False
+            await cur.execute(
+                "SELECT id, role, text FROM turns WHERE channel_id = %s ORDER BY id DESC LIMIT 1 FOR UPDATE",
+                (conversation.channel_id,),
+            )
+            row = await cur.fetchone()
+            if row is None or row[1] != "bot" or row[2] != _no_nul(old):
+                return False
+            await cur.execute("UPDATE turns SET text = %s, created_at = now() WHERE id = %s", (_no_nul(new), row[0]))
+            return True
+
+        return await self._transaction(write)
+
     async def _clear(self, scope: str, column: str, ident: int) -> int:
         async def clear(cur: psycopg.AsyncCursor[Any]) -> int:
             await cur.execute(_BUMP, (scope, ident))

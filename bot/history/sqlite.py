@@ -286,6 +286,24 @@ class SQLiteHistoryStore:
 
         return await self._run(write, write=True)
 
+    async def replace_last_reply(
+        self, conversation: Conversation, user_id: int | None, old: str, new: str, *, expected: Epochs
+    ) -> bool:
+        def write() -> bool:
+            with self._transaction():
+                if self._epochs(conversation, user_id) != expected:
+                    return False
+                row = self._db.execute(
+                    "SELECT id, role, text FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT 1",
+                    (conversation.channel_id,),
+                ).fetchone()
+                if row is None or row[1] != "bot" or row[2] != old:
+                    return False
+                self._db.execute("UPDATE turns SET text = ?, created_at = ? WHERE id = ?", (new, time.time(), row[0]))
+                return True
+
+        return await self._run(write, write=True)
+
     async def _clear(self, scope: str, column: str, ident: int) -> int:
         def clear() -> int:
             with self._transaction():
