@@ -6,14 +6,20 @@ tenth message is timed from sending until the first token of its reply, three ti
 three different tenth messages (median). The same tenth prompts are timed on an engine without the
 cache (PREFIX_CACHE_MB=0), which prefills the whole history each time.
 
+Then chunked prefill: a 60-token reply is running when the first tenth prompt (uncached) is sent;
+the running reply's step times and the long prompt's first token are measured with the prompt read
+at once (chunks off) and in chunks of 16 and 64 tokens per step.
+
 Run alone: `python -m bench.conversation` (builds the random Qwen2.5-0.5B-shaped model if needed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,21 +53,17 @@ def message(rng: random.Random) -> Turn:
     return Turn("user", " ".join(rng.choice(workload.WORDS) for _ in range(MESSAGE_WORDS)), speaker="alice")
 
 
-async def first_words(engine: Any, history: list[Turn]) -> float:
-    """Seconds from sending a message (its prompt not yet rendered) until the reply's first token is chosen.
-
-    Timed at the engine's own progress callback rather than at the first streamed text: a random
-    model's reply may take many tokens to decode to visible text.
-    """
+def send(
+    engine: Any, history: list[Turn], fifth: threading.Event | None = None
+) -> tuple[asyncio.Future[None], list[float], float]:
+    """Submit a reply to `history`; returns its completion, the times each of its tokens was chosen
+    (filled in on the engine thread; `fifth` is set at the fifth), and when it was sent (before its
+    prompt was rendered)."""
     from bot.engine.scheduler import Request
 
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    first: list[float] = []
-
-    def progress(tokens: list[int]) -> None:  # on the engine thread
-        if not first:
-            first.append(time.perf_counter())
+    stamps: list[float] = []
 
     def settle() -> None:
         if not done.done():
@@ -70,11 +72,44 @@ async def first_words(engine: Any, history: list[Turn]) -> float:
     def deliver(text: str | None, error: BaseException | None) -> None:
         loop.call_soon_threadsafe(settle)
 
+    def progress(tokens: list[int]) -> None:
+        stamps.append(time.perf_counter())
+        if fifth is not None and len(stamps) == 5:
+            fifth.set()
+
     started = time.perf_counter()
     prompt = engine.encode_prompt(history)
     engine._scheduler.submit(Request(prompt, deliver, deadline=time.monotonic() + 600, progress=progress))
+    return done, stamps, started
+
+
+async def first_words(engine: Any, history: list[Turn]) -> float:
+    """Seconds from sending a message (its prompt not yet rendered) until the reply's first token is chosen.
+
+    Timed at the engine's own progress callback rather than at the first streamed text: a random
+    model's reply may take many tokens to decode to visible text.
+    """
+    done, stamps, started = send(engine, history)
     await done
-    return first[0] - started
+    return stamps[0] - started
+
+
+async def joining(model_dir: Path, long: list[Turn], chunk: int) -> dict[str, Any]:
+    """A 60-token reply runs; after its 5th token the long prompt (uncached) is sent. How long do the
+    running reply's steps take while the long one is read in, and when does the long one's first token come?"""
+    from dataclasses import replace
+
+    from bot.engine import Engine
+
+    async with Engine(replace(engine_config(model_dir, 0), prefill_chunk_tokens=chunk)) as engine:
+        await engine.reply(long[:1])  # warm-up
+        done, stamps, _ = send(engine, long[:1], fifth := threading.Event())
+        await asyncio.to_thread(fifth.wait, 60)
+        joined_s = await first_words(engine, long)
+        await done
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    normal = sorted(gaps[:4])[2]
+    return {"chunk": chunk, "normal_step_s": normal, "longest_step_s": max(gaps), "long_first_token_s": joined_s}
 
 
 async def measure(model_dir: Path) -> dict[str, Any]:
@@ -98,6 +133,7 @@ async def measure(model_dir: Path) -> dict[str, Any]:
     async with Engine(engine_config(model_dir, 0)) as engine:
         await engine.reply(history[:1])  # warm-up
         out["uncached_s"] = [await first_words(engine, h) for h in tenth]
+    out["joining"] = [await joining(model_dir, tenth[0], chunk) for chunk in (0, 16, 64)]
     out["cached_median_s"] = sorted(out["cached_s"])[1]
     out["uncached_median_s"] = sorted(out["uncached_s"])[1]
     return out
@@ -114,7 +150,16 @@ def summary(out: dict[str, Any]) -> list[str]:
         f"(prefilled {out['cached_prefilled_tokens']} tokens, reused {out['cached_reused_tokens']}); "
         f"without {out['uncached_median_s']:.2f}s"
     )
-    return [how, result]
+    lines = [how, result]
+    for j in out.get("joining", []):
+        longest, normal = j["longest_step_s"], j["normal_step_s"]
+        lines.append(
+            f"    while a {tokens[0]}-token prompt joins a running reply, read {j['chunk'] or 'at once'}"
+            f"{' tokens a step' if j['chunk'] else ''}: the running reply's longest step {longest:.2f}s "
+            f"({longest / normal:.1f}x its normal {normal * 1000:.0f} ms); "
+            f"the joining reply's first token after {j['long_first_token_s']:.2f}s"
+        )
+    return lines
 
 
 def main() -> None:

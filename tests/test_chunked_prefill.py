@@ -110,3 +110,39 @@ async def test_a_joining_request_past_its_deadline_fails_alone(tiny_chat_model_d
         assert isinstance(await first, str)
         assert scheduler.runner.joining is None and scheduler._joining is None
         assert isinstance(await engine.reply(HISTORIES[1]), str)  # the loop goes on
+
+
+async def test_short_prompts_share_one_steps_budget(tiny_chat_model_dir: Path) -> None:
+    """Prompts that fit in what is left of a step's budget all join before that step."""
+    config = chat_config(tiny_chat_model_dir, min_new_tokens=12, max_new_tokens=12)
+    async with Engine(config) as engine:
+        later = [HISTORIES[1], HISTORIES[2], HISTORIES[4]]
+        scheduler = engine._scheduler
+        scheduler.prefill_chunk_tokens = sum(len(engine.encode_prompt(h)) - 1 for h in later)
+        scheduler.runner.prefix_cache.clear()
+        expected = [generate_tokens(engine, h) for h in [HISTORIES[0], *later]]
+        seen = record_tokens(engine)
+        events, second = spy(engine)
+        held, go = threading.Event(), threading.Event()
+        spied = scheduler.runner.step
+
+        def held_step(*args: Any) -> Any:
+            if second.is_set() and not go.is_set():
+                held.set()
+                go.wait(10)
+            return spied(*args)
+
+        scheduler.runner.step = held_step
+        first = asyncio.create_task(engine.reply(HISTORIES[0]))
+        assert await asyncio.to_thread(held.wait, 10)  # the loop waits inside a step
+        replies = [asyncio.create_task(engine.reply(h)) for h in later]
+        for _ in range(500):
+            if scheduler.waiting == len(later):
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.waiting == len(later)
+        go.set()
+        await asyncio.gather(*replies, first)
+        assert sorted(seen) == sorted(expected)
+        steps = [rows for kind, rows in events if kind == "step"]
+        assert 4 in steps and steps[steps.index(4) - 1] == 1, steps  # from one row to four in one step

@@ -149,7 +149,7 @@ class CausalRunner:
         joining = self.joining
         if joining is None:
             raise RuntimeError("no block is joining")
-        end = joining.target if budget is None else min(joining.target, joining.filled + max(budget, 1))
+        end = joining.target if budget is None else min(joining.target, joining.filled + budget)
         if end > joining.filled:
             self._prefill(self.blocks, joining.tokens[joining.filled : end], joining.filled)
             joining.filled = end

@@ -171,7 +171,6 @@ class Scheduler:
             return
         self.beat = time.monotonic()
         self._admit(block=False)
-        self._read_joining()
         if self._running:
             self._step()
         self._expire()
@@ -213,9 +212,13 @@ class Scheduler:
     def _admit(self, *, block: bool) -> bool:
         """Move waiting requests into the batch while there is room; False if the loop must stop.
 
-        With `prefill_chunk_tokens` and replies running, a request starts joining instead (its
-        prompt is read in over the next steps, `_read_joining`) and no other is admitted meanwhile.
+        With `prefill_chunk_tokens` and replies running, prompts are read in at most that many
+        tokens per step, all joining requests together: one that does not fit in what is left
+        stays joining (`_read_joining`) and is read on over the next steps, before any other.
         """
+        budget = self.prefill_chunk_tokens if self._running else 0
+        if self._joining is not None:
+            budget = self._read_joining(budget)
         while len(self._running) < self.runner.max_blocks and self._joining is None:
             try:
                 item = self._queue.get() if block else self._queue.get_nowait()
@@ -234,6 +237,7 @@ class Scheduler:
                 if self.prefill_chunk_tokens and self._running:
                     cast(Any, self.runner).begin_block(item.input_ids)
                     self._joining = (item, now)
+                    budget = self._read_joining(budget)
                     continue
                 slot = self.runner.add_block(item.input_ids)
             except Exception as exc:
@@ -243,23 +247,27 @@ class Scheduler:
             self._start(item, slot, now)
         return True
 
-    def _read_joining(self) -> None:
-        """Read the joining request's next chunk (all the rest when nothing else runs); start it once read."""
-        if self._joining is None:
-            return
+    def _read_joining(self, budget: int) -> int:
+        """Read up to `budget` more tokens of the joining request's prompt (all the rest when nothing
+        else runs); start it once read. Returns what is left of the budget."""
+        assert self._joining is not None
         item, admitted = self._joining
         runner = cast(Any, self.runner)
+        left = runner.joining.target - runner.joining.filled
+        take = left if not self._running else min(left, budget)
         try:
-            left = runner.prefill_some(self.prefill_chunk_tokens if self._running else None)
+            if take or not left:
+                left = runner.prefill_some(take)
         except Exception as exc:
             log.exception("could not read a prompt in")
             runner.cancel_joining()
             self._joining = None
             self._finish(item, None, EngineError(f"generation failed: {exc}"))
-            return
+            return budget - take
         if not left:
             self._joining = None
             self._start(item, self.runner.rows - 1, admitted)
+        return budget - take
 
     def _drop_joining(self, error: BaseException) -> None:
         if self._joining is not None:
