@@ -203,3 +203,14 @@ def test_a_conversation_outgrowing_its_budget_keeps_its_prefix_for_several_turns
     monkeypatch.setattr(chat_prompt, "MIN_KEPT_SHARE", 2.0)  # no start keeps enough: the fewest dropped
     fewest, cut = appended_turns(tokenizer, budget=250)
     assert fewest <= cut // 5 < appended, (fewest, appended, cut)
+
+
+async def test_forgetting_drops_every_kept_conversation(tiny_chat_model_dir: Path) -> None:
+    async with Engine(chat_config(tiny_chat_model_dir)) as engine:
+        history = [Turn("user", "hello there", speaker="alice")]
+        reply = await engine.reply(history)
+        cache = engine._scheduler.runner.prefix_cache
+        assert len(cache) == 2  # the system prompt's prefix and this conversation
+        assert engine.forget_cached_conversations() == 2 and len(cache) == 0
+        assert await engine.reply(history) == reply  # read from scratch, the same reply
+        assert cache.counters.history[-1] == 0

@@ -201,6 +201,17 @@ class Engine:
             self.max_input_tokens,
         )
 
+    def forget_cached_conversations(self) -> int:
+        """Drop every conversation's kept keys/values (`/forget-me`: nothing derived from a user's words
+        stays in memory until evicted). Safe from any thread; returns how many entries went."""
+        runner = self._scheduler.runner if self._scheduler is not None else None
+        cache = getattr(runner, "prefix_cache", None)
+        if cache is None:
+            return 0
+        dropped = len(cache)
+        cache.clear()
+        return dropped
+
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` is to this model, without special tokens (the server's usage counts)."""
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
