@@ -27,6 +27,11 @@ from transformers import DynamicCache
 from bot.engine.prefix_cache import PrefixCache
 from bot.engine.slabs import attend, reorder_rows
 
+# A chunk after a past attends in place (`_prefill_in_place`) while its scores, tokens x positions,
+# stay under this many per query head (fp32: 2 MB); a longer one goes through the model's own
+# forward, whose attention kernel needs no scores matrix.
+IN_PLACE_SCORES = 512 * 1024
+
 # model_type -> whether its attention normalises queries and keys per head (Qwen3)
 SUPPORTED = {"llama": False, "qwen2": False, "qwen3": True}
 
@@ -176,6 +181,9 @@ class CausalRunner:
 
     def _prefill(self, block: int, tokens: list[int], start: int) -> None:
         """Run `tokens` (positions `start` on) through the model, attending over the row's first `start`."""
+        if start and len(tokens) * (start + len(tokens)) <= IN_PLACE_SCORES:
+            self._prefill_in_place(block, tokens, start)
+            return
         ids = torch.tensor([tokens], device=self.device)
         past = None
         if start:
@@ -201,6 +209,39 @@ class CausalRunner:
             return self.retain(block, tokens, len(tokens), pinned=True)
         finally:
             self.remove_block(block)
+
+    def _prefill_in_place(self, block: int, tokens: list[int], start: int) -> None:
+        """`_prefill` for a chunk after a past: attends over the row's slab where it lies, as `step` does.
+
+        The model's own forward would need the past as a `DynamicCache`: converted, concatenated
+        and expanded for grouped-query attention at every chunk, which costs more than a short
+        chunk's arithmetic.
+        """
+        body, count = self.body, len(tokens)
+        end = start + count
+        hidden = body.embed_tokens(torch.tensor([tokens], device=self.device))[0]  # [count, hidden]
+        positions = torch.arange(start, end, device=self.device)
+        cos, sin = body.rotary_emb(hidden[None], positions[None])  # [1, count, head_dim]
+        cos, sin = cos[0][:, None], sin[0][:, None]
+        # query (group g, token t) is row g * count + t; it sees the slots up to its own position
+        mask = (self._slots[None, :end] <= positions[:, None]).repeat(self.groups, 1)[None]
+        for layer, keys, values in zip(body.layers, self.keys, self.values, strict=True):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            query = attention.q_proj(x).view(count, self.heads, self.head_dim)
+            key = attention.k_proj(x).view(count, self.kv_heads, self.head_dim)
+            value = attention.v_proj(x).view(count, self.kv_heads, self.head_dim)
+            if self.norms_heads:
+                query, key = attention.q_norm(query), attention.k_norm(key)
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+            keys[block, :, start:end] = key.transpose(0, 1).to(self.cache_dtype)
+            values[block, :, start:end] = value.transpose(0, 1).to(self.cache_dtype)
+            grouped = query.view(count, self.kv_heads, self.groups, self.head_dim).permute(1, 2, 0, 3)
+            grouped = grouped.reshape(self.kv_heads, self.groups * count, self.head_dim)
+            out = attend(grouped, keys[block, :, :end], values[block, :, :end], mask, self.scaling)
+            out = out.view(self.kv_heads, self.groups, count, self.head_dim).permute(2, 0, 1, 3)
+            hidden = hidden + attention.o_proj(out.reshape(count, -1).to(hidden.dtype))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     @torch.inference_mode()
     def retain(self, block: int, tokens: list[int], prompt_length: int, *, pinned: bool = False) -> bool:
