@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-requirements
 SERVE_STAMP := $(VENV)/.installed-serve-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help run console serve test lint bench bench-models soak clean
+.PHONY: help run console serve test lint bench bench-models soak docker-test clean
 
 help:  ## list these targets
 	@echo "make TARGET, where TARGET is one of:"
@@ -62,6 +62,11 @@ soak: $(SERVE_STAMP)  ## long runs through the fake Discord: one bot, then 2 sha
 	$(PY) -m tests.soak || status=1; \
 	$(PY) -m tests.soak --topology scaled || status=1; \
 	exit $$status
+
+# Not part of `make test`, which must not need Docker. Starts dockerd itself when none runs (as root),
+# and makes the debian:bookworm-slim base image with debootstrap when it cannot be pulled.
+docker-test: $(STAMP)  ## build the Docker image, run the bot in it against the fake Discord, stop it (needs Docker)
+	$(PY) -m tests.docker_check
 
 clean:  ## delete .venv, the tools' caches and the bench's models (bench/.cache, up to 7.3 GB)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/.cache
