@@ -1,5 +1,7 @@
 """Listening: when to answer (mention, reply, DM, or any message in a listening channel) and where not
-(a server's settings, ALLOW_DMS), cleaning the text, typing, replying, streaming and splitting."""
+(a server's settings, ALLOW_DMS), cleaning the text, typing, replying, streaming and splitting; the
+message's text files and the message it replies to as context; the buttons on the replies (the presses
+are handled in cogs/buttons.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord.ext import commands
 
+from bot.client.attachments import ReadFiles, as_context, is_text_like, read_attachments
+from bot.client.reply_buttons import REGENERATE, STOP, ReplyBoard, ReplyRecord
 from bot.client.streaming import POST_ERRORS, StreamingReply, split_message
 from bot.core.guild_settings import GuildConfig
 from bot.core.outcomes import CLOSING, ERROR_TEXT
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 EMPTY_MENTION_TEXT = "Hi! Write something after the mention and I'll answer. In a DM, no mention is needed."
 ATTACHMENT_ONLY_TEXT = "I can only read text, not attachments. Tell me in words what you'd like to talk about."
 COOLDOWN_TEXT = "You're sending messages faster than I can answer. Wait {seconds:.0f}s, then ask again."
+REPLIED_TEXT_LIMIT = 1000  # characters of the replied-to message the model is shown
 
 _USER = re.compile(r"<@!?(\d+)>")
 _ROLE = re.compile(r"<@&(\d+)>")
@@ -78,6 +84,45 @@ class Chat(commands.Cog):
         self._noticed_until: dict[int, float] = {}
         self._last_post: dict[int, asyncio.Future[None]] = {}  # per channel: the latest reply's post
         self._listened_at: dict[int, float] = {}  # per listening channel: when its last unaddressed message was taken
+        # per channel: the latest answer's start (its files read, its turn taken), so answers keep their order
+        self._last_start: dict[int, asyncio.Future[None]] = {}
+        self.replies = ReplyBoard(bot.settings.reply_buttons_seconds, self._remove_buttons_later)
+        self._session: aiohttp.ClientSession | None = None  # for attachments, opened at the first one
+        self._chores: set[asyncio.Task[object]] = set()
+
+    async def cog_unload(self) -> None:
+        self.replies.close()
+        if self._session is not None:
+            await self._session.close()
+
+    def _remove_buttons_later(self, message: discord.Message) -> None:
+        task = asyncio.get_running_loop().create_task(self.remove_buttons(message))
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def remove_buttons(self, message: discord.Message) -> None:
+        """Take the buttons off one of the bot's messages (superseded or expired); trouble is only logged."""
+        try:
+            await message.edit(view=None, allowed_mentions=discord.AllowedMentions.none())
+        except POST_ERRORS as exc:
+            log.info("could not remove the buttons of message %s: %s", message.id, exc)
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        self.replies.message_deleted(payload.message_id)
+
+    def take_place(self, channel_id: int) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """A place in the channel's line of posts: (the post before it, if still running; its own)."""
+        previous = self._last_post.get(channel_id)
+        posted = asyncio.get_running_loop().create_future()
+        self._last_post[channel_id] = posted
+        return previous, posted
+
+    def leave_place(self, channel_id: int, posted: asyncio.Future[None]) -> None:
+        if not posted.done():
+            posted.set_result(None)
+        if self._last_post.get(channel_id) is posted:
+            del self._last_post[channel_id]
 
     def from_a_person(self, message: discord.Message) -> bool:
         """A person's own chat message: not a bot's (this one's included), a webhook's or a system message."""
@@ -97,6 +142,35 @@ class Chat(commands.Cog):
             return True
         own_role = message.guild.self_role
         return own_role is not None and own_role in message.role_mentions
+
+    def replied_context(self, message: discord.Message) -> str | None:
+        """`(replying to Alice: "...")` for a reply to somebody else's message (the bot's own are in the
+        history already); None for anything else."""
+        me = self.bot.user
+        reference = message.reference
+        if me is None or reference is None or reference.type is not discord.MessageReferenceType.reply:
+            return None
+        replied = reference.resolved or reference.cached_message
+        author = getattr(replied, "author", None)
+        if not isinstance(replied, discord.Message) or author is None or author.id == me.id:
+            return None
+        said = self.text_for_model(replied)
+        if not said:
+            return None
+        if len(said) > REPLIED_TEXT_LIMIT:
+            said = said[: REPLIED_TEXT_LIMIT - 1].rstrip() + "\u2026"
+        return f'(replying to {author.display_name}: "{said}")'
+
+    async def read_files(self, message: discord.Message) -> ReadFiles:
+        settings = self.bot.settings
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return await read_attachments(
+            message.attachments,
+            max_bytes=settings.attachment_max_bytes,
+            timeout=settings.attachment_timeout_seconds,
+            session=self._session,
+        )
 
     def text_for_model(self, message: discord.Message) -> str:
         assert self.bot.user is not None
@@ -176,20 +250,66 @@ class Chat(commands.Cog):
                 await self.send(message, self.bot.chat.turn_away(CLOSING).text)
             return
         text = self.text_for_model(message)
-        if not text:
+        files = [a for a in message.attachments if self._may_read(a)]
+        if not text and not files:
             if addressed:
                 await self.send(message, ATTACHMENT_ONLY_TEXT if message.attachments else EMPTY_MENTION_TEXT)
             return
         if await self.cooling_down(message, quiet=not addressed):
             return
-        log.debug("message %s in %s: %r", message.id, message.channel.id, text)
         conversation = Conversation(message.channel.id, message.guild.id if message.guild else None)
-        # A reply waits for the posts of the reply before it in this channel, so a slow typing request
-        # (or a reply still being streamed) can never make the answers appear out of order.
-        previous = self._last_post.get(conversation.channel_id)
-        posted = asyncio.get_running_loop().create_future()
-        self._last_post[conversation.channel_id] = posted
-        stream = StreamingReply(message, after=previous) if self.streaming else None
+        # Answers start in the order their messages came (each after the one before it has read its
+        # files and taken its turn with the chat service), and post in that order: a reply waits for
+        # the posts of the reply before it in this channel, so a slow typing request (or a reply still
+        # being streamed) can never make the answers appear out of order.
+        before = self._last_start.get(conversation.channel_id)
+        started = asyncio.get_running_loop().create_future()
+        self._last_start[conversation.channel_id] = started
+        previous, posted = self.take_place(conversation.channel_id)
+        try:
+            if before is not None and not before.done():
+                await asyncio.wait({before})
+            read = await self.read_files(message) if message.attachments else ReadFiles()
+            context = [self.replied_context(message) if addressed else None, as_context(read.files), text]
+            full_text = "\n\n".join(part for part in context if part)
+            if not text and not read.files:
+                if addressed:
+                    await self.send(message, read.note(self.bot.settings.attachment_max_bytes) or ATTACHMENT_ONLY_TEXT)
+                return
+            await self._answer(
+                message, conversation, full_text, read, previous, posted, started, config=config, addressed=addressed
+            )
+        finally:
+            if not started.done():
+                started.set_result(None)
+            if self._last_start.get(conversation.channel_id) is started:
+                del self._last_start[conversation.channel_id]
+            self.leave_place(conversation.channel_id, posted)
+
+    def _may_read(self, attachment: discord.Attachment) -> bool:
+        """Whether an attachment may be text to read (the download decides): what its name and type say."""
+        name = str(getattr(attachment, "filename", attachment))
+        return self.bot.settings.attachment_max_bytes > 0 and is_text_like(
+            name, getattr(attachment, "content_type", None)
+        )
+
+    async def _answer(
+        self,
+        message: discord.Message,
+        conversation: Conversation,
+        text: str,
+        read: ReadFiles,
+        previous: asyncio.Future[None] | None,
+        posted: asyncio.Future[None],
+        started: asyncio.Future[None],
+        *,
+        config: GuildConfig | None,
+        addressed: bool,
+    ) -> None:
+        log.debug("message %s in %s: %r", message.id, message.channel.id, text)
+        board = self.replies
+        record: ReplyRecord | None = None
+        note = read.note(self.bot.settings.attachment_max_bytes)
         # In a server the model is told who is speaking (several people share a channel); a DM has one.
         speaker = message.author.display_name if message.guild is not None else None
         persona = None
@@ -203,13 +323,32 @@ class Chat(commands.Cog):
                 channel=getattr(message.channel, "name", None) or "",
             )
 
+        if board.enabled:
+            record = board.begin(ReplyRecord(conversation, message.author.id, message.id, persona))
+        stream = StreamingReply(message, after=previous, buttons=self.buttons_for(record)) if self.streaming else None
+
+        finished = False  # the board was told how the reply ended (a press may already have restarted it)
+
         async def post(reply: Reply) -> bool:
             """Show the reply (streamed: its last edit); the chat service stores it only when this is True."""
+            nonlocal finished
+            # The note on skipped files goes under the answer, in its message; the history keeps the answer.
+            text = f"{reply.text}\n\n{note}" if note is not None and reply.ok else reply.text
             if stream is not None:
-                return await stream.finish(reply.text, ok=reply.ok)
-            if previous is not None:
-                await asyncio.wait({previous})
-            return await self.send(message, reply.text)
+                shown = await stream.finish(text, ok=reply.ok)
+                messages: list[discord.Message] | None = stream.posts if shown else None
+            else:
+                if previous is not None:
+                    await asyncio.wait({previous})
+                view = None
+                if record is not None and reply.ok and len(split_message(text)) == 1:
+                    view = board.view_for(record, REGENERATE)
+                messages = await self.post_pieces(message, text, view=view)
+            if record is not None:
+                single = messages is not None and len(messages) == 1 and reply.ok
+                board.finished(record, reply.text if single else None, messages[0] if single and messages else None)
+                finished = True
+            return messages is not None
 
         # Take this message's place in its conversation's line now, before the first await (the
         # typing request): otherwise a later message whose typing request happens to come back first
@@ -224,8 +363,10 @@ class Chat(commands.Cog):
                 on_partial=stream.update if stream is not None else None,
                 post=post,
                 system_prompt=persona,
+                stop=record.stop if record is not None and stream is not None else None,
             )
         )
+        started.set_result(None)  # the next message's answer may take its turn now
         try:
             async with typing_in(message.channel):  # while streaming, up until the last edit
                 await asyncio.wait({responding})
@@ -238,9 +379,8 @@ class Chat(commands.Cog):
             responding.cancel()
             if stream is not None:
                 stream.cancel()
-            posted.set_result(None)
-            if self._last_post.get(conversation.channel_id) is posted:
-                del self._last_post[conversation.channel_id]
+            if record is not None and not finished:
+                board.finished(record, None, None)
 
     @property
     def streaming(self) -> bool:
@@ -268,20 +408,46 @@ class Chat(commands.Cog):
         True once every piece is posted; False if Discord refused one past discord.py's retries (the
         rest is not sent, and a reply is then not stored).
         """
+        return await self.post_pieces(message, text) is not None
+
+    async def post_pieces(
+        self, message: discord.Message, text: str, *, view: discord.ui.View | None = None
+    ) -> list[discord.Message] | None:
+        """`send`, returning the messages posted (None when Discord refused one); `view` goes on the last."""
         reference = message.to_reference(fail_if_not_exists=False)
         quiet = discord.AllowedMentions.none()
-        for index, chunk in enumerate(split_message(text)):
+        chunks = split_message(text)
+        posted: list[discord.Message] = []
+        for index, chunk in enumerate(chunks):
+            options: dict[str, Any] = {
+                "reference": reference if index == 0 else None,
+                "allowed_mentions": quiet,
+                "mention_author": False,
+            }
+            if view is not None and index == len(chunks) - 1:
+                options["view"] = view
             try:
-                await message.channel.send(
-                    chunk,
-                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                    allowed_mentions=quiet,
-                    mention_author=False,
-                )
+                posted.append(await message.channel.send(chunk, **options))
             except POST_ERRORS as exc:
                 log.warning("could not post in channel %s: %s", message.channel.id, exc)
-                return False
-        return True
+                return None
+        return posted
+
+    def buttons_for(self, record: ReplyRecord | None) -> Callable[[int, int, str], discord.ui.View | None] | None:
+        """What each message of a streamed reply carries: Stop on the newest while it is written, then
+        Regenerate on a reply of one message that is still the channel's newest."""
+        if record is None:
+            return None
+        board = self.replies
+
+        def buttons(index: int, count: int, state: str) -> discord.ui.View | None:
+            if state == "writing":
+                return board.view_for(record, STOP) if index == count - 1 else None
+            if state == "done" and count == 1 and not board.superseded(record):
+                return board.view_for(record, REGENERATE)
+            return None
+
+        return buttons
 
 
 def place_of(channel: object) -> tuple[int, int | None, int | None]:

@@ -57,6 +57,10 @@ class Settings:
     shutdown_grace_seconds: float = 20.0
     stream_replies: bool = True
     allow_dms: bool = True  # False: DMs get no answer (server admins' settings are per server: /bot)
+    # Files, replies and buttons (bot/client/attachments.py, bot/client/reply_buttons.py).
+    attachment_max_bytes: int = 100_000  # text files read per message, all together; 0: none are read
+    attachment_timeout_seconds: float = 10.0  # the longest one message's files may take to download
+    reply_buttons_seconds: float = 900.0  # how long Regenerate stays on a reply; 0: no buttons at all
     # Chat models (decoder-only, with a chat template).
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system message
     context_tokens: int | None = None  # None: the model's own limit, capped at 2048
@@ -235,6 +239,9 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0.0)),
     "STREAM_REPLIES": ("stream_replies", _bool),
     "ALLOW_DMS": ("allow_dms", _bool),
+    "ATTACHMENT_MAX_BYTES": ("attachment_max_bytes", _int(0, 8_000_000)),
+    "ATTACHMENT_TIMEOUT_SECONDS": ("attachment_timeout_seconds", _float(0.1)),
+    "REPLY_BUTTONS_SECONDS": ("reply_buttons_seconds", _float(0.0)),
     "SYSTEM_PROMPT": ("system_prompt", _system_prompt),
     "CONTEXT_TOKENS": ("context_tokens", _int(256, 131072)),
     "SAMPLING": ("sampling", _bool),

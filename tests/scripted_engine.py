@@ -3,6 +3,7 @@
 A pytest plugin (see `pytest_plugins` in tests/conftest.py): its fixtures reach every test without an import."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class ScriptedEngine:
         self.system_prompts: list[str | None] = []  # what each reply was asked with (None: SYSTEM_PROMPT)
         self.context_words: int | None = None  # a persona of more words than this is refused as too long
         self.uses_system_prompt = True
+        self.answers: list[str] = []  # taken in turn, before `answer`, one per reply
+        self.cancelled = 0  # replies whose caller went away (a Stop button) before they were finished
+        self.cancelled_at: list[float] = []  # when each was (time.monotonic())
 
     async def reply(
         self,
@@ -43,9 +47,20 @@ class ScriptedEngine:
     ) -> str:
         self.seen.append(list(history))
         self.system_prompts.append(system_prompt)
+        try:
+            return await self._reply(history, on_partial)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            self.cancelled_at.append(time.monotonic())
+            raise
+
+    async def _reply(self, history: Sequence[Turn], on_partial: Callable[[str], None] | None) -> str:
         if self.gate is not None:
             await self.gate.wait()
-        answer = self.answer if self.answer is not None else "re: " + history[-1].text
+        if self.answers:
+            answer = self.answers.pop(0)
+        else:
+            answer = self.answer if self.answer is not None else "re: " + history[-1].text
         if on_partial is not None and self.can_stream and self.stream_words:
             words = answer.split(" ")
             for count in range(1, len(words) + 1):

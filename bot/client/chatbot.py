@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # The cogs loaded at start, in this order. A cog is a module in cogs/ with an `async def setup(bot)` that
 # adds it; it is loaded only once it is listed here. A new slash command goes into the cog for its
 # audience (cogs/everyone.py for anyone, cogs/admin.py for moderators) or a new cog listed here.
-EXTENSIONS = ("cogs.chat", "cogs.admin", "cogs.config", "cogs.everyone")
+EXTENSIONS = ("cogs.chat", "cogs.buttons", "cogs.admin", "cogs.config", "cogs.everyone")
 
 
 class ChatBot(commands.AutoShardedBot):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import discord
@@ -75,6 +77,11 @@ class StreamingReply:
 
     `after` is awaited before the first post, so replies in one channel appear in order. `clock` and
     `sleep` are the time source and the way to wait (a test passes a fake clock's).
+
+    `buttons(index, count, state)` gives the buttons message `index` of `count` should carry, `state`
+    being "writing", "done" or "failed" (a notice, or cut off); every post and edit carries them, and
+    a message is edited when only its buttons change. `reuse` is a message of the bot's that the reply
+    replaces (Regenerate): it is edited in place of the first post.
     """
 
     def __init__(
@@ -87,6 +94,8 @@ class StreamingReply:
         interval: float = EDIT_INTERVAL_SECONDS,
         first_after: float = FIRST_POST_AFTER_SECONDS,
         limit: int = MESSAGE_LIMIT,
+        buttons: Callable[[int, int, str], discord.ui.View | None] | None = None,
+        reuse: discord.Message | None = None,
     ) -> None:
         self.message = message
         self.after = after
@@ -106,6 +115,18 @@ class StreamingReply:
         self._writer: asyncio.Task[None] | None = None
         self._quiet = discord.AllowedMentions.none()
         self.refused = False  # Discord refused a post or an edit: the reply is not all shown
+        self.buttons = buttons
+        self.shown_buttons: list[str | None] = []  # which buttons each message carries now
+        if reuse is not None:  # edited at the first write, however it reads now
+            self.posts.append(reuse)
+            self.shown.append("\x00")
+            self.written_at.append(-math.inf)
+            self.shown_buttons.append("\x00")
+
+    @property
+    def streamed(self) -> bool:
+        """Whether some of the reply was shown before it was complete."""
+        return self._streamed
 
     # ----- called by the cog -----------------------------------------------------------------
 
@@ -172,8 +193,14 @@ class StreamingReply:
         while True:
             self._news.clear()
             pieces = self._pieces()
+            views = [self._view(i, len(pieces)) for i in range(len(pieces))]
+            keys = [getattr(view, "key", None) for view in views]
             index = next(
-                (i for i, piece in enumerate(pieces) if i >= len(self.shown) or self.shown[i] != piece),
+                (
+                    i
+                    for i, piece in enumerate(pieces)
+                    if i >= len(self.shown) or self.shown[i] != piece or self.shown_buttons[i] != keys[i]
+                ),
                 None,
             )
             if index is None:
@@ -182,15 +209,28 @@ class StreamingReply:
                 await self._news.wait()
                 continue
             if index >= len(self.posts):
-                await self._post(pieces[index])
+                await self._post(pieces[index], views[index])
                 continue
             wait = self.written_at[index] + self.interval - self.clock()
             if wait > 0:
                 await self.sleep(wait)  # then look again: only the newest text is sent
                 continue
-            self.posts[index] = await self.posts[index].edit(content=pieces[index], allowed_mentions=self._quiet)
+            self._streamed = self._streamed or self._final is None
+            if self.buttons is not None:
+                self.posts[index] = await self.posts[index].edit(
+                    content=pieces[index], allowed_mentions=self._quiet, view=views[index]
+                )
+            else:
+                self.posts[index] = await self.posts[index].edit(content=pieces[index], allowed_mentions=self._quiet)
             self.shown[index] = pieces[index]
+            self.shown_buttons[index] = keys[index]
             self.written_at[index] = self.clock()
+
+    def _view(self, index: int, count: int) -> discord.ui.View | None:
+        if self.buttons is None:
+            return None
+        state = "writing" if self._final is None else "done" if self._final[1] else "failed"
+        return self.buttons(index, count, state)
 
     def _pieces(self) -> list[str]:
         """What the messages should show now, one piece per message."""
@@ -207,18 +247,17 @@ class StreamingReply:
             pieces.append(CUT_OFF_NOTE.strip())
         return pieces
 
-    async def _post(self, piece: str) -> None:
+    async def _post(self, piece: str, view: discord.ui.View | None = None) -> None:
         first = not self.posts
         self._streamed = self._streamed or self._final is None
         reference = self.message.to_reference(fail_if_not_exists=False) if first else None
-        posted = await self.message.channel.send(
-            piece,
-            reference=reference,  # type: ignore[arg-type]
-            allowed_mentions=self._quiet,
-            mention_author=False,
-        )
+        options: dict[str, Any] = {"reference": reference, "allowed_mentions": self._quiet, "mention_author": False}
+        if view is not None:
+            options["view"] = view
+        posted = await self.message.channel.send(piece, **options)
         self.posts.append(posted)
         self.shown.append(piece)
+        self.shown_buttons.append(getattr(view, "key", None))
         self.written_at.append(self.clock())
         if self._final is None:
             await self._keep_typing()

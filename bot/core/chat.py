@@ -68,6 +68,7 @@ class ChatService:
         on_partial: Callable[[str], None] | None = None,
         post: Post | None = None,
         system_prompt: str | None = None,
+        stop: asyncio.Event | None = None,
     ) -> Reply:
         """Answer `text` said in `conversation`. Never raises: trouble becomes a short notice.
 
@@ -87,12 +88,16 @@ class ChatService:
         caller shows what is returned.
 
         `system_prompt`, when given (a persona, see `persona_for`), replaces SYSTEM_PROMPT for this reply.
+
+        `stop`, once set while the reply is written (the Stop button), ends it there: the engine's
+        request is cancelled (it leaves the batch at its next step) and the text reported to
+        `on_partial` so far is the reply, posted and stored like a finished one.
         """
         started = time.monotonic()
         self._in_flight += 1
         try:
             async with self._locked(conversation.channel_id):
-                reply, store = await self._answer(conversation, user_id, text, speaker, on_partial, system_prompt)
+                reply, store = await self._answer(conversation, user_id, text, speaker, on_partial, system_prompt, stop)
                 # counted when the answer is ready, its latency the model's (posting is Discord's)
                 self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
                 self._settling += 1
@@ -120,6 +125,7 @@ class ChatService:
         speaker: str | None,
         on_partial: Callable[[str], None] | None,
         system_prompt: str | None = None,
+        stop: asyncio.Event | None = None,
     ) -> tuple[Reply, Callable[[Reply], Awaitable[None]] | None]:
         """The reply (or notice), and how to store it once shown (None for a notice)."""
         try:
@@ -131,23 +137,9 @@ class ChatService:
             self.metrics.history_errors.inc()
             return notice(FAILED), None
         turns = snapshot.turns + [Turn("user", text, speaker)]
-        try:
-            if system_prompt is None:  # engines that know no personas keep working
-                answer = await self.engine.reply(turns, on_partial)
-            else:
-                answer = await self.engine.reply(turns, on_partial, system_prompt=system_prompt)
-        except EngineError as exc:
-            outcome = outcome_of(exc)
-            if outcome is BUSY:
-                log.warning("queue full; told channel %s to try again", conversation.channel_id)
-            elif outcome is FAILED:  # the engine has logged the details (or they are all here)
-                log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
-            return notice(outcome), None
-        except Exception:  # a bug: the traceback is what a developer needs
-            log.exception("the engine failed to answer in channel %s", conversation.channel_id)
-            return notice(FAILED), None
-        if not answer.strip():
-            return notice(EMPTY), None
+        answer, failed = await self._generate(conversation, turns, on_partial, system_prompt, stop)
+        if failed is not None:
+            return failed, None
 
         async def store(reply: Reply) -> None:
             try:
@@ -167,6 +159,128 @@ class ChatService:
                 log.info("history of channel %s was cleared during a reply; not stored", conversation.channel_id)
 
         return Reply(answer), store
+
+    async def _generate(
+        self,
+        conversation: Conversation,
+        turns: list[Turn],
+        on_partial: Callable[[str], None] | None,
+        system_prompt: str | None,
+        stop: asyncio.Event | None,
+    ) -> tuple[str, Reply | None]:
+        """The engine's answer to `turns`, or a notice (the second value) where there is none."""
+        try:
+            answer = await self._ask_engine(turns, on_partial, system_prompt, stop)
+        except EngineError as exc:
+            outcome = outcome_of(exc)
+            if outcome is BUSY:
+                log.warning("queue full; told channel %s to try again", conversation.channel_id)
+            elif outcome is FAILED:  # the engine has logged the details (or they are all here)
+                log.error("the engine failed to answer in channel %s: %s", conversation.channel_id, exc)
+            return "", notice(outcome)
+        except Exception:  # a bug: the traceback is what a developer needs
+            log.exception("the engine failed to answer in channel %s", conversation.channel_id)
+            return "", notice(FAILED)
+        if not answer.strip():
+            return "", notice(EMPTY)
+        return answer, None
+
+    async def _ask_engine(
+        self,
+        turns: list[Turn],
+        on_partial: Callable[[str], None] | None,
+        system_prompt: str | None,
+        stop: asyncio.Event | None,
+    ) -> str:
+        """`engine.reply`; with `stop`, the text written so far once it is set (the request cancelled)."""
+        if stop is None:
+            return await self._engine_reply(turns, on_partial, system_prompt)
+        written = ""
+
+        def partial(text: str) -> None:
+            nonlocal written
+            written = text
+            if on_partial is not None:
+                on_partial(text)
+
+        task = asyncio.ensure_future(self._engine_reply(turns, partial, system_prompt))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()  # the engine drops a cancelled request at its next step
+            await asyncio.wait({task})
+        if not task.cancelled():
+            return task.result()  # finished (or failed) before the stop took
+        log.info("a reply was stopped after %d characters", len(written))
+        return written
+
+    async def _engine_reply(
+        self, turns: list[Turn], on_partial: Callable[[str], None] | None, system_prompt: str | None
+    ) -> str:
+        if system_prompt is None:  # engines that know no personas keep working
+            return await self.engine.reply(turns, on_partial)
+        return await self.engine.reply(turns, on_partial, system_prompt=system_prompt)
+
+    async def regenerate(
+        self,
+        conversation: Conversation,
+        user_id: int | None,
+        old: str,
+        *,
+        on_partial: Callable[[str], None] | None = None,
+        post: Post,
+        system_prompt: str | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> Reply | None:
+        """Answer the conversation's newest question again, replacing the bot's newest turn (`old`).
+
+        None, with nothing asked or posted, when there is nothing to regenerate: the newest turn is not
+        the bot's answer `old` to a question (a reset, or the conversation moved on). Otherwise like
+        `respond`: the new reply (or a notice) goes to `post`, and only a reply `post` showed replaces
+        `old` in the history (`replace_last_reply`, which a reset in between refuses). Never raises.
+        """
+        started = time.monotonic()
+        self._in_flight += 1
+        try:
+            async with self._locked(conversation.channel_id):
+                try:
+                    snapshot = await self.history.snapshot(conversation, user_id)
+                except HistoryError:
+                    log.exception("could not read the history of channel %s", conversation.channel_id)
+                    self.metrics.history_errors.inc()
+                    reply = notice(FAILED)
+                    await post(reply)
+                    return reply
+                turns = snapshot.turns
+                if len(turns) < 2 or turns[-1] != Turn("bot", old) or turns[-2].role != "user":
+                    return None
+                answer, failed = await self._generate(conversation, turns[:-1], on_partial, system_prompt, stop)
+                reply = failed or Reply(answer)
+                self.metrics.count_reply(reply.kind or "error", time.monotonic() - started)
+                self._settling += 1
+                try:
+                    if not await post(reply) or failed is not None:
+                        return reply
+                    replace = self.history.replace_last_reply(
+                        conversation, user_id, old, reply.text, expected=snapshot.epochs
+                    )
+                    try:
+                        if not await asyncio.shield(replace):
+                            log.info("channel %s changed during a regeneration; not stored", conversation.channel_id)
+                    except HistoryError:
+                        log.exception("could not store a regenerated reply in channel %s", conversation.channel_id)
+                        self.metrics.history_errors.inc()
+                    return reply
+                finally:
+                    self._settling -= 1
+        finally:
+            self._in_flight -= 1
 
     @asynccontextmanager
     async def _locked(self, channel_id: int) -> AsyncIterator[None]:

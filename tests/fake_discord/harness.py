@@ -106,7 +106,7 @@ class BotHarness:
             if edit["pings"] != {"users": [], "roles": [], "everyone": False}:
                 found.append(f"an edit could ping {edit['pings']}: {edit['content'][:60]!r}")
         for call in self.fake.calls_to("POST", r"/interactions/\d+/[^/]+/callback"):
-            if (call.json or {}).get("type") == 5:  # deferred ("thinking..."): no text; the follow-up has it
+            if (call.json or {}).get("type") in (5, 6):  # deferred ("thinking...", or a button's): no text
                 continue
             mentions = ((call.json or {}).get("data") or {}).get("allowed_mentions")
             if mentions is None or mentions.get("parse") != [] or mentions.get("replied_user"):

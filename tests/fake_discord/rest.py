@@ -19,7 +19,14 @@ from typing import Any
 from aiohttp import web
 
 from tests.fake_discord.gateway import Gateway
-from tests.fake_discord.rules import DiscordError, form_error, pings, validate_command, validate_content
+from tests.fake_discord.rules import (
+    DiscordError,
+    form_error,
+    pings,
+    validate_command,
+    validate_components,
+    validate_content,
+)
 from tests.fake_discord.world import MENTION_EVERYONE, VIEW_CHANNEL, Channel, User, World, iso
 
 API_PREFIX = "/api/v10"
@@ -44,7 +51,9 @@ _CALL = web.RequestKey("call", RestCall)  # the request's RestCall, for handlers
 
 @dataclass
 class Interaction:
-    """A slash command a user ran (`FakeDiscord.slash`), and what the bot answered to it over REST."""
+    """A slash command a user ran (`FakeDiscord.slash`) or a button they pressed (`FakeDiscord.press`:
+    `kind` 3, `name` the button's custom_id, `message` the message it is on), and what the bot
+    answered to it over REST."""
 
     id: int
     token: str
@@ -56,6 +65,8 @@ class Interaction:
     responses: list[dict[str, Any]] = field(default_factory=list)
     response_times: list[float] = field(default_factory=list)
     followups: list[dict[str, Any]] = field(default_factory=list)
+    kind: int = 2  # 2: a slash command; 3: a message component (a button)
+    message: dict[str, Any] | None = None
 
     @property
     def response(self) -> dict[str, Any] | None:
@@ -92,6 +103,9 @@ class Rest:
         self.bot_messages: list[dict[str, Any]] = []  # every message the bot created, in order, as it is now
         self.bot_edits: list[dict[str, Any]] = []  # every edit of one: message id, content, time, allowed_mentions
         self.typing_delays: list[float] = []  # each typing request takes the next delay (s), if any, to answer
+        # What attachment URLs serve: attachment id -> (the bytes, content type, seconds before answering).
+        self.files: dict[int, tuple[bytes, str, float]] = {}
+        self.file_requests: list[int] = []  # the attachment ids the bot downloaded, in order
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """The API routes, then a catch-all 404 (so add any other routes before these)."""
@@ -110,6 +124,7 @@ class Rest:
         r.add_get(p + "/channels/{channel}", self._get_channel)
         r.add_post(p + "/interactions/{interaction}/{token}/callback", self._interaction_callback)
         r.add_post(p + "/webhooks/{app}/{token}", self._followup)
+        r.add_get("/attachments/{attachment}/{filename}", self._get_attachment)
         r.add_route("*", "/{tail:.*}", self._unknown)
 
     @web.middleware
@@ -299,6 +314,7 @@ class Rest:
         if not w.can_send(w.bot_user.id, channel):
             raise DiscordError(403, 50013, "Missing Permissions")
         validate_content(body)
+        validate_components(body)
         nonce = body.get("nonce")
         if nonce is not None and body.get("enforce_nonce"):
             for earlier in self.bot_messages:  # a retried request must not post twice
@@ -330,6 +346,7 @@ class Rest:
             flags=int(body.get("flags") or 0),
             nonce=body.get("nonce"),
         )
+        message["components"] = body.get("components") or []
         channel.messages[int(message["id"])] = message
         # `pings` and `posted_at` are the fake's own bookkeeping (who Discord would notify, and when the
         # message was posted); they never go to the bot.
@@ -352,6 +369,15 @@ class Rest:
         if not isinstance(body, dict):
             raise form_error("_root", "DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType")
         validate_content({"content": old["content"], **body})
+        validate_components(body)
+        return _json(await self._update_message(request, channel, old, body))
+
+    async def _update_message(
+        self, request: web.Request, channel: Channel, old: dict[str, Any], body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Apply an edit of the bot's message `old` (PATCH, or an UPDATE_MESSAGE interaction callback):
+        recorded in `bot_edits` with who it could ping, echoed as MESSAGE_UPDATE; the message as it is now."""
+        w = self.world
         content = old["content"] if body.get("content") is None else body["content"]
         users, roles = w.mentions_in(content, channel)
         everyone = ("@everyone" in content or "@here" in content) and (
@@ -364,6 +390,7 @@ class Rest:
             "mention_roles": roles,
             "mention_everyone": everyone,
             "edited_timestamp": iso(),
+            "components": old.get("components", []) if body.get("components") is None else body["components"],
         }
         channel.messages[int(edited["id"])] = edited
         # Who an edit could notify, by the same rules as a post (Discord notifies no one for an edit, but
@@ -377,14 +404,15 @@ class Rest:
                 "time": request[_CALL].time,  # as in calls and message_edits()
                 "allowed_mentions": body.get("allowed_mentions"),
                 "pings": could_ping,
+                "components": edited["components"],
             }
         )
-        changed = ("content", "mentions", "mention_roles", "mention_everyone", "edited_timestamp")
+        changed = ("content", "mentions", "mention_roles", "mention_everyone", "edited_timestamp", "components")
         for record in self.bot_messages:  # the tests' view of the bot's messages shows them as they are now
             if record["id"] == edited["id"]:
                 record.update({k: edited[k] for k in changed})
         await self.gateway.dispatch("MESSAGE_UPDATE", edited)
-        return _json(edited)
+        return edited
 
     async def _interaction_callback(self, request: web.Request) -> web.Response:
         w = self.world
@@ -401,18 +429,35 @@ class Rest:
             raise DiscordError(400, 40060, "Interaction has already been acknowledged.")
         body = await request.json()
         kind = body.get("type")
-        if kind not in (4, 5):  # channel message / deferred channel message (app commands allow these)
-            raise form_error("type", "BASE_TYPE_CHOICES", "Value must be one of {4, 5}.")
+        # 4: a message, 5: "thinking..." then a follow-up; a button may also take 6 (DEFERRED_UPDATE_MESSAGE:
+        # nothing changes now) and 7 (UPDATE_MESSAGE: its message is edited).
+        allowed = (4, 5, 6, 7) if record.kind == 3 else (4, 5)
+        if kind not in allowed:
+            raise form_error("type", "BASE_TYPE_CHOICES", f"Value must be one of {set(allowed)}.")
         data = body.get("data") or {}
         if kind == 4:
             validate_content(data, "data.")
+        if kind == 7:
+            assert record.message is not None
+            channel = w.channels[int(record.message["channel_id"])]
+            old = channel.messages.get(int(record.message["id"]))
+            if old is None:
+                raise DiscordError(404, 10008, "Unknown Message")
+            validate_content({"content": old["content"], **data}, "data.")
+            validate_components(data, "data.")
         record.responses.append(body)
         record.response_times.append(now)
+        if kind in (6, 7):
+            if kind == 7:
+                await self._update_message(request, channel, old, data)
+            if request.query.get("with_response") not in ("1", "true", "True"):
+                return web.Response(status=204)
+            return _json({"interaction": {"id": str(record.id), "type": 3}, "resource": {"type": kind}})
         flags = int(data.get("flags") or 0)
         message = w.message_payload(record.channel, w.bot_user, data.get("content") or "", type=20, flags=flags)
         message["interaction_metadata"] = {
             "id": str(record.id),
-            "type": 2,
+            "type": record.kind,
             "user": record.user.payload(),
             "authorizing_integration_owners": {},
             "name": record.name,
@@ -450,3 +495,16 @@ class Rest:
             record.channel, w.bot_user, body.get("content") or "", type=20, flags=int(body.get("flags") or 0)
         )
         return _json(message)
+
+    async def _get_attachment(self, request: web.Request) -> web.StreamResponse:
+        """An attachment's URL (Discord's CDN): the file's bytes, with its content type."""
+        try:
+            attachment_id = int(request.match_info["attachment"])
+            data, content_type, delay = self.files[attachment_id]
+        except (KeyError, ValueError):
+            return web.Response(status=404, text="Not Found")
+        self.file_requests.append(attachment_id)
+        await self._changed()
+        if delay:
+            await asyncio.sleep(delay)  # a slow CDN
+        return web.Response(body=data, headers={"Content-Type": content_type})

@@ -58,6 +58,47 @@ def validate_content(body: dict[str, Any], prefix: str = "") -> None:
                 )
 
 
+def validate_components(body: dict[str, Any], prefix: str = "") -> None:
+    """A message's `components`, as Discord checks them: at most 5 action rows (type 1) of at most 5
+    buttons (type 2) each; a button has a style of 1 to 5, a label of at most 80 characters, and
+    (except a link button, style 5, which has a url instead) a custom_id of 1 to 100 characters,
+    unique within the message."""
+    components = body.get("components")
+    if components is None:
+        return
+    at = prefix + "components"
+    if not isinstance(components, list) or len(components) > 5:
+        raise form_error(at, "BASE_TYPE_MAX_LENGTH", "Must be 5 or fewer in length.")
+    seen: set[str] = set()
+    for r, row in enumerate(components):
+        if not isinstance(row, dict) or row.get("type") != 1:
+            raise form_error(f"{at}.{r}.type", "UNION_TYPE_CHOICES", 'Value of field "type" must be one of (1,).')
+        items = row.get("components") or []
+        if not 1 <= len(items) <= 5:
+            raise form_error(f"{at}.{r}.components", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 5 in length.")
+        for i, item in enumerate(items):
+            where = f"{at}.{r}.components.{i}"
+            if item.get("type") != 2:
+                raise form_error(f"{where}.type", "UNION_TYPE_CHOICES", "This fake knows only buttons (type 2).")
+            style = item.get("style")
+            if style not in (1, 2, 3, 4, 5):
+                raise form_error(f"{where}.style", "BASE_TYPE_CHOICES", "Value must be one of {1, 2, 3, 4, 5}.")
+            if len(item.get("label") or "") > 80:
+                raise form_error(f"{where}.label", "BASE_TYPE_MAX_LENGTH", "Must be 80 or fewer in length.")
+            if style == 5:
+                if not item.get("url") or item.get("custom_id"):
+                    raise form_error(where, "COMPONENT_INVALID_URL", "A link button has a url and no custom_id.")
+                continue
+            custom_id = item.get("custom_id")
+            if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= 100:
+                raise form_error(f"{where}.custom_id", "BASE_TYPE_BAD_LENGTH", "Must be between 1 and 100 in length.")
+            if custom_id in seen:
+                raise form_error(
+                    f"{where}.custom_id", "COMPONENT_CUSTOM_ID_DUPLICATED", "Component custom id cannot be duplicated"
+                )
+            seen.add(custom_id)
+
+
 def validate_command(index: int, cmd: Any) -> None:
     """Command `index` of a bulk overwrite (`PUT .../commands`), as Discord checks a definition."""
     if not isinstance(cmd, dict) or not isinstance(cmd.get("name"), str):

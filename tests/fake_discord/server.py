@@ -353,20 +353,89 @@ class FakeDiscord:
             data["guild_id"] = str(channel.guild_id)
         await self.gateway.dispatch("MESSAGE_DELETE", data)
 
-    def attachment(self, filename: str = "cat.png", size: int = 12345) -> dict[str, Any]:
-        """An attachment payload as Discord sends it in MESSAGE_CREATE."""
+    def attachment(
+        self,
+        filename: str = "cat.png",
+        size: int | None = None,
+        *,
+        content: bytes | None = None,
+        content_type: str | None = None,
+        delay: float = 0.0,
+    ) -> dict[str, Any]:
+        """An attachment payload as Discord sends it in MESSAGE_CREATE; its URL (on the fake) serves
+        `content` (by default `size` bytes of a PNG-looking file) after `delay` seconds. `size` is what
+        the payload claims, by default the content's length (a test may make it lie)."""
         aid = self.world.ids.next()
         url = f"{self.base_url}/attachments/{aid}/{filename}"
-        return {
+        if content is None:
+            content = b"\x89PNG\r\n\x1a\n" + bytes(max(0, (size or 12345) - 8))
+            content_type = content_type or "image/png"
+        content_type = content_type or "application/octet-stream"
+        self.rest.files[aid] = (content, content_type, delay)
+        payload: dict[str, Any] = {
             "id": str(aid),
             "filename": filename,
-            "size": size,
+            "size": len(content) if size is None else size,
             "url": url,
             "proxy_url": url,
-            "content_type": "image/png",
-            "width": 64,
-            "height": 64,
+            "content_type": content_type,
         }
+        if content_type.startswith("image/"):
+            payload.update(width=64, height=64)
+        return payload
+
+    async def press(self, user: User, message: dict[str, Any], custom_id: str, *, force: bool = False) -> Interaction:
+        """`user` presses the button `custom_id` on `message` (one of the bot's); the bot receives
+        INTERACTION_CREATE of type 3 (a message component). Like Discord, the fake refuses
+        (CommandNotAvailable) a button the message does not show; `force=True` presses it anyway."""
+        w = self.world
+        channel = w.channels[int(message["channel_id"])]
+        current = channel.messages.get(int(message["id"]), message)
+        buttons = [c.get("custom_id") for row in current.get("components", []) for c in row.get("components", [])]
+        if custom_id not in buttons and not force:
+            raise CommandNotAvailable(f"message {message['id']} shows no button {custom_id!r} (it has {buttons})")
+        guild_id = channel.guild_id
+        perms = w.permissions_in(user.id, channel)
+        iid = w.ids.next()
+        token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(48)
+        payload: dict[str, Any] = {
+            "id": str(iid),
+            "application_id": str(w.application_id),
+            "type": 3,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "message": current,
+            "channel_id": str(channel.id),
+            "channel": channel.payload(),
+            "token": token,
+            "version": 1,
+            "app_permissions": str(w.permissions_in(w.bot_user.id, channel) if guild_id else perms),
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(guild_id) if guild_id else "0"},
+            "context": 0 if guild_id else 1,
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if guild_id:
+            member = w.guild_members(guild_id)[user.id].payload()
+            member["permissions"] = str(perms)
+            payload.update(
+                guild_id=str(guild_id),
+                guild_locale="en-US",
+                guild={"id": str(guild_id), "locale": "en-US", "features": []},
+                member=member,
+            )
+        else:
+            payload["user"] = user.payload()
+        record = Interaction(iid, token, custom_id, user, channel, payload, time.monotonic(), kind=3, message=current)
+        self.interactions[iid] = record
+        await self.gateway.dispatch("INTERACTION_CREATE", payload)
+        return record
+
+    def buttons_on(self, message: dict[str, Any]) -> list[str]:
+        """The custom_ids of the buttons `message` (one of the bot's) shows now."""
+        channel = self.world.channels[int(message["channel_id"])]
+        current = channel.messages.get(int(message["id"]), message)
+        return [c.get("custom_id") for row in current.get("components", []) for c in row.get("components", [])]
 
     async def mention(self, author: User, channel: Channel, text: str) -> dict[str, Any]:
         """`author` writes `<@bot> text` in `channel` (in a DM, just `text` is more natural)."""
