@@ -7,6 +7,13 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
+# tini runs as PID 1: it hands SIGTERM (docker stop) to the bot, which then stops cleanly with exit
+# code 0, and it reaps the processes Ray leaves behind in the model server.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates python3 python3-venv tini \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+
 # Where PyTorch comes from: its CPU build by default (about 750 MB installed; the wheel PyPI serves on
 # Linux is the CUDA one, which pulls several GB of NVIDIA libraries). TORCH_FIND_LINKS, when set, is a
 # page listing the wheel instead, such as a local wheel directory served over HTTP
@@ -20,16 +27,6 @@ ARG INDEX_URL=
 ARG EXTRA_INDEX_URL=
 # A CA bundle (its URL) for pip to trust during the build, on a network that inspects TLS; not kept.
 ARG PIP_CERT_URL=
-# 1: also install requirements-serve.txt (Ray Serve, FastAPI) for the model server, python -m bot.serve.
-ARG WITH_SERVE=0
-
-# tini runs as PID 1: it hands SIGTERM (docker stop) to the bot, which then stops cleanly with exit
-# code 0, and it reaps the processes Ray leaves behind in the model server.
-RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ca-certificates python3 python3-venv tini \
-    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
-
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -38,18 +35,19 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY requirements.txt requirements-serve.txt /tmp/requirements/
+# pip's settings for the build (not kept in the image): the indexes, and the CA bundle when one is given.
 # torch first and alone (--no-deps: a wheel directory holds torch only), then the bot's runtime
 # requirements (requirements.txt above its "# Tests and benchmarks" section), which also bring torch's
 # own dependencies; the installed +cpu build already satisfies torch==2.13.0. `pip check` proves
 # nothing is missing.
 RUN set -eu; \
     python3 -m venv /opt/venv; \
-    if [ -n "$PIP_CERT_URL" ]; then \
-        python -c "import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], '/tmp/pip-ca.pem')" "$PIP_CERT_URL"; \
-        export PIP_CERT=/tmp/pip-ca.pem; \
-    fi; \
     index="${INDEX_URL:+--index-url $INDEX_URL}"; \
     for url in $EXTRA_INDEX_URL; do index="$index --extra-index-url $url"; done; \
+    if [ -n "$PIP_CERT_URL" ]; then \
+        python -c "import sys, urllib.request; urllib.request.urlretrieve(*sys.argv[1:])" "$PIP_CERT_URL" /tmp/pip-ca.pem; \
+        export PIP_CERT=/tmp/pip-ca.pem; \
+    fi; \
     if [ -n "$TORCH_FIND_LINKS" ]; then \
         pip install --no-deps --no-index --find-links "$TORCH_FIND_LINKS" "torch==$TORCH_VERSION"; \
     else \
@@ -57,10 +55,26 @@ RUN set -eu; \
     fi; \
     sed '/^# Tests and benchmarks/,$d' /tmp/requirements/requirements.txt > /tmp/requirements/runtime.txt; \
     pip install $index -r /tmp/requirements/runtime.txt; \
-    if [ "$WITH_SERVE" = 1 ]; then pip install $index -r /tmp/requirements/requirements-serve.txt; fi; \
     pip check; \
     python -c "import torch; assert not torch.version.cuda, 'not the CPU build of torch'"; \
-    rm -rf /tmp/requirements /tmp/pip-ca.pem
+    rm -f /tmp/pip-ca.pem
+
+# 1: also install requirements-serve.txt (Ray Serve, FastAPI) for the model server, python -m bot.serve.
+# Declared here, so that both images share the layers above.
+ARG WITH_SERVE=0
+RUN set -eu; \
+    if [ "$WITH_SERVE" = 1 ]; then \
+        index="${INDEX_URL:+--index-url $INDEX_URL}"; \
+        for url in $EXTRA_INDEX_URL; do index="$index --extra-index-url $url"; done; \
+        if [ -n "$PIP_CERT_URL" ]; then \
+            python -c "import sys, urllib.request; urllib.request.urlretrieve(*sys.argv[1:])" "$PIP_CERT_URL" /tmp/pip-ca.pem; \
+            export PIP_CERT=/tmp/pip-ca.pem; \
+        fi; \
+        pip install $index -r /tmp/requirements/requirements-serve.txt; \
+        pip check; \
+        rm -f /tmp/pip-ca.pem; \
+    fi; \
+    rm -rf /tmp/requirements
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin bot \
     && mkdir -p /app/data /home/bot/.cache/huggingface \

@@ -20,6 +20,10 @@ Run it as `.venv/bin/python -m tests.docker_check`; it exits 0 when every check 
    the gateway closed, the token never logged, and its SQLite history in the volume.
 5. `docker compose config` (or docker-compose) for each profile of compose.yaml, when a compose
    client is installed.
+
+`--postgres` also runs step 4 with HISTORY_DB on a throwaway PostgreSQL server here (tests/postgres.py;
+no registry, so not the compose file's postgres image), and `--serve` builds the serve image
+(WITH_SERVE=1) and runs step 4 with the model in a `python -m bot.serve` container (ENGINE_URL).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import glob
 import http.server
 import json
@@ -41,15 +44,19 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "discord-chatbot:latest"
+SERVE_IMAGE = "discord-chatbot:serve"  # WITH_SERVE=1: Ray Serve too
+SERVE_COMMAND = ["python", "-m", "bot.serve"]
 BASE_IMAGE = "debian:bookworm-slim"
 TORCH_VERSION = "2.13.0"
 IMAGE_PYTHON_TAG = "cp311"  # bookworm's python3 is 3.11
 PROFILES = ("sqlite", "postgres", "serve")
+BUILD_PORT = 47391  # where the build's pip finds this machine's wheels and indexes (see FileServer)
 HISTORY = "/app/data/history.sqlite3"  # HISTORY_DB's default in the image's working directory
 # What debian:bookworm-slim leaves out of every package (docs, man pages, translations).
 SLIM_DPKG = """\
@@ -214,12 +221,31 @@ def ensure_base_image(workdir: Path) -> None:
 # ----- 3. the image ----------------------------------------------------------------------------------
 
 
-class DirectoryServer:
-    """A directory over HTTP on 127.0.0.1 (a thread), for the build's pip to read."""
+class FileServer:
+    """Local directories over HTTP on 127.0.0.1 (a thread), each under a prefix, for the build's pip.
 
-    def __init__(self, directory: str) -> None:
-        handler = functools.partial(Quiet, directory=directory)
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    The port is fixed when it is free (BUILD_PORT): the URLs are build arguments, part of the build
+    cache's key, so the same URLs let a second build reuse the installed packages.
+    """
+
+    def __init__(self, directories: dict[str, str]) -> None:
+        self.directories = directories
+        served = self.directories
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def translate_path(self, path: str) -> str:
+                prefix, _, rest = urllib.parse.unquote(path.split("?")[0]).lstrip("/").partition("/")
+                if prefix not in served:
+                    return "/nonexistent"
+                return os.path.join(served[prefix], *[p for p in rest.split("/") if p not in ("", "..")])
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", BUILD_PORT), Handler)
+        except OSError:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -227,11 +253,6 @@ class DirectoryServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 def pip_settings() -> dict[str, list[str]]:
@@ -258,43 +279,48 @@ def torch_wheel_dir(settings: dict[str, list[str]]) -> str | None:
     return None
 
 
-def build_image(workdir: Path) -> float:
+def build_image(workdir: Path, tag: str) -> float:
     settings = pip_settings()
-    servers: list[DirectoryServer] = []
+    served: dict[str, str] = {}
     build_args: list[str] = []
-    try:
-        wheels = torch_wheel_dir(settings)
-        if wheels:
-            server = DirectoryServer(wheels)
-            servers.append(server)
-            build_args += ["--build-arg", f"TORCH_FIND_LINKS={server.url}/"]
-            say(f"torch {TORCH_VERSION}+cpu from the local wheel directory {wheels} (served at {server.url})")
+    base = f"http://127.0.0.1:{BUILD_PORT}"
+    wheels = torch_wheel_dir(settings)
+    if wheels:
+        served["torch"] = wheels
+        build_args += ["--build-arg", f"TORCH_FIND_LINKS={base}/torch/"]
+        say(f"torch {TORCH_VERSION}+cpu from the local wheel directory {wheels}")
+    else:
+        say("no local CPU torch wheel: the build takes torch from https://download.pytorch.org/whl/cpu")
+    extra = []
+    for i, url in enumerate(settings["extra-index-url"]):
+        if url.startswith("file://"):  # .../simple, whose pages link to files beside it
+            simple = Path(url.removeprefix("file://").rstrip("/"))
+            served[f"index{i}"] = str(simple.parent)
+            extra.append(f"{base}/index{i}/{simple.name}/")
         else:
-            say("no local CPU torch wheel: the build takes torch from https://download.pytorch.org/whl/cpu")
-        extra = []
-        for url in settings["extra-index-url"]:
-            if url.startswith("file://"):  # .../simple, whose pages link to files beside it
-                simple = Path(url.removeprefix("file://").rstrip("/"))
-                server = DirectoryServer(str(simple.parent))
-                servers.append(server)
-                extra.append(f"{server.url}/{simple.name}/")
-            else:
-                extra.append(url)
-        if extra:
-            build_args += ["--build-arg", "EXTRA_INDEX_URL=" + " ".join(extra)]
-        if settings["cert"]:  # a CA bundle pip trusts here (a network that inspects TLS): the build's pip too
-            cert = Path(settings["cert"][0])
-            server = DirectoryServer(str(cert.parent))
-            servers.append(server)
-            build_args += ["--build-arg", f"PIP_CERT_URL={server.url}/{cert.name}"]
-        if settings["index-url"]:
-            build_args += ["--build-arg", f"INDEX_URL={settings['index-url'][0]}"]
-        say(f"building {IMAGE} (log: {workdir / 'build.log'})")
+            extra.append(url)
+    if extra:
+        build_args += ["--build-arg", "EXTRA_INDEX_URL=" + " ".join(extra)]
+    if settings["cert"]:  # a CA bundle pip trusts here (a network that inspects TLS): the build's pip too
+        cert = Path(settings["cert"][0])
+        served["ca"] = str(cert.parent)
+        build_args += ["--build-arg", f"PIP_CERT_URL={base}/ca/{cert.name}"]
+    if settings["index-url"]:
+        build_args += ["--build-arg", f"INDEX_URL={settings['index-url'][0]}"]
+    server = FileServer(served)
+    try:
+        if server.url != base:
+            say(f"port {BUILD_PORT} is taken: serving on {server.url} (the build cache will not be reused)")
+            build_args = [arg.replace(base, server.url) for arg in build_args]
+        if tag == SERVE_IMAGE:
+            build_args += ["--build-arg", "WITH_SERVE=1"]
+        log_path = workdir / f"build-{tag.rsplit(':', 1)[-1]}.log"
+        say(f"building {tag} (log: {log_path})")
         started = time.monotonic()
         env = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the classic builder: no buildx plugin needed
-        with (workdir / "build.log").open("w") as log:
+        with log_path.open("w") as log:
             process = subprocess.Popen(
-                ["docker", "build", "--network", "host", "-t", IMAGE, *build_args, str(REPO)],
+                ["docker", "build", "--network", "host", "-t", tag, *build_args, str(REPO)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -307,12 +333,11 @@ def build_image(workdir: Path) -> float:
                     say("  " + line.strip()[:110])
             code = process.wait()
         if code != 0:
-            tail = (workdir / "build.log").read_text(errors="replace")[-4000:]
+            tail = log_path.read_text(errors="replace")[-4000:]
             raise CheckFailed(f"docker build failed ({code}):\n{tail}")
         return time.monotonic() - started
     finally:
-        for server in servers:
-            server.close()
+        server.close()
 
 
 def image_size(image: str) -> str:
@@ -343,83 +368,168 @@ def free_port() -> int:
         return port
 
 
-async def check_container(model_dir: Path) -> None:
-    from bot.core.types import Turn
-    from bot.engine import Engine, EngineConfig
+def docker_run_command(name: str, image: str, env: dict[str, str], *options: str) -> list[str]:
+    command = ["docker", "run", "--detach", "--name", name, "--health-interval", "2s", *options]
+    for key, value in env.items():
+        command += ["--env", f"{key}={value}"]
+    return [*command, image]
+
+
+async def check_bot(model_dir: Path, mode: str) -> None:
+    """The bot in a container (host network) against the fake Discord: `sqlite` (the model in the bot, history
+    in the volume), `postgres` (history in a PostgreSQL server on this machine) or `serve` (the model in a
+    `python -m bot.serve` container of the serve image, ENGINE_URL)."""
     from tests.e2e.processes import LAUNCH
     from tests.fake_discord import FakeDiscord
 
-    name = f"chatbot-docker-test-{os.getpid()}"
+    name = f"chatbot-docker-test-{mode}-{os.getpid()}"
     volume = f"{name}-data"
-    metrics_port = free_port()
-    async with FakeDiscord() as fake:
-        w = fake.world
-        env = {
-            "DISCORD_TOKEN": fake.token,
-            "MODEL_NAME": "/model",
-            "DEVICE": "cpu",
-            "PRECISION": "fp32",
-            "USER_COOLDOWN_SECONDS": "0",
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "METRICS_PORT": str(metrics_port),
-            "METRICS_HOST": "127.0.0.1",
-        }
-        command = ["docker", "run", "--detach", "--name", name, "--network", "host"]
-        command += ["--volume", f"{model_dir}:/model:ro", "--volume", f"{volume}:/app/data"]
-        command += ["--health-interval", "2s", "--health-start-period", "0s"]
-        for key, value in env.items():
-            command += ["--env", f"{key}={value}"]
-        # The image's entrypoint (tini) and user, with discord.py pointed at the fake as in tests/e2e.
-        command += [IMAGE, "python", "-c", LAUNCH, fake.base_url, fake.gateway_url]
-        started = time.monotonic()
-        try:
-            code, _, err = await run(*command)
-            if code != 0:
-                raise CheckFailed(f"docker run failed ({code}): {err.strip()}")
-            say(f"container {name} started; waiting for it to log in to the fake Discord at {fake.base_url}")
+    names = [name]
+    env = {
+        "USER_COOLDOWN_SECONDS": "0",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "METRICS_PORT": str(free_port()),
+        "METRICS_HOST": "127.0.0.1",
+    }
+    model = {"MODEL_NAME": "/model", "DEVICE": "cpu", "PRECISION": "fp32"}
+    with contextlib.ExitStack() as stack:
+        if mode == "postgres":
+            from tests.postgres import running_server
+
+            server = stack.enter_context(running_server())
+            env["HISTORY_DB"] = server.url(server.create_database())
+            say(f"PostgreSQL {server.bin.parent.name} on 127.0.0.1:{server.port} for HISTORY_DB")
+        async with FakeDiscord() as fake:
+            w = fake.world
+            env["DISCORD_TOKEN"] = fake.token
+            started = time.monotonic()
             try:
-                await fake.wait_ready_session(timeout=180)
-                connected = time.monotonic()
-                say(f"connected to the gateway {connected - started:.1f}s after docker run")
-                reply = await fake.ask(w.member, w.general, "hello there", timeout=60)
-            except AssertionError as exc:
-                _, out, err = await run("docker", "logs", name)
-                raise CheckFailed(f"{exc}\ncontainer output:\n{out}{err}") from None
-            say(f"answered a mention {time.monotonic() - connected:.1f}s after connecting: {reply!r}")
-            async with Engine(EngineConfig(model_name=str(model_dir), device="cpu", precision="fp32")) as engine:
-                expected = await engine.reply([Turn("user", "hello there")])
-            if reply != expected:
-                raise CheckFailed(f"the container replied {reply!r}; the same model here says {expected!r}")
-            await wait_healthy(name)
-            say("healthy (the image's HEALTHCHECK on /health)")
-            stopping = time.monotonic()
-            code, _, err = await run("docker", "stop", "--time", "60", name, timeout=90)
-            if code != 0:
-                raise CheckFailed(f"docker stop failed: {err.strip()}")
-            _, state, _ = await run("docker", "inspect", name, "--format", "{{json .State}}")
-            exit_code = json.loads(state)["ExitCode"]
-            _, out, err = await run("docker", "logs", name)
-            logs = out + err
-            say(f"docker stop (SIGTERM): exit code {exit_code} after {time.monotonic() - stopping:.1f}s")
-            problems = []
-            if exit_code != 0:
-                problems.append(f"exit code {exit_code}, not 0")
-            if "Traceback" in logs:
-                problems.append("a traceback in its output")
-            if fake.token in logs:
-                problems.append("the token in its output")
-            if len(fake.close_codes) != 1 or fake.close_codes[0] not in (1000, 4000):
-                problems.append(f"gateway close codes {fake.close_codes}, not one clean close")
-            code, _, _ = await run("docker", "run", "--rm", "-v", f"{volume}:/app/data", IMAGE, "test", "-s", HISTORY)
-            if code != 0:
-                problems.append("no history.sqlite3 in the data volume")
-            if problems:
-                raise CheckFailed("the container " + "; ".join(problems) + f"\ncontainer output:\n{logs}")
-            say("stopped cleanly: exit 0, no traceback, gateway closed, token never logged, history in the volume")
-        finally:
-            await run("docker", "rm", "--force", name)
-            await run("docker", "volume", "rm", "--force", volume)
+                if mode == "serve":
+                    port = free_port()
+                    serve_env = {**model, "SERVE_HOST": "0.0.0.0", "SERVE_PORT": "8000", "METRICS_PORT": "9100"}
+                    serve_env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+                    names.append(f"{name}-server")
+                    # Its own network (Ray's ports stay in the container), the API published on loopback.
+                    options = ["--shm-size", "1g", "--publish", f"127.0.0.1:{port}:8000"]
+                    options += ["--volume", f"{model_dir}:/model:ro"]
+                    await start(docker_run_command(names[1], SERVE_IMAGE, serve_env, *options) + SERVE_COMMAND)
+                    await wait_log(names[1], "Serving /model at", timeout=240)
+                    say(f"the model server {names[1]} serves the tiny model ({time.monotonic() - started:.1f}s)")
+                    env["ENGINE_URL"] = f"http://127.0.0.1:{port}"
+                else:
+                    env.update(model)
+                options = ["--network", "host", "--volume", f"{volume}:/app/data"]
+                if mode != "serve":
+                    options += ["--volume", f"{model_dir}:/model:ro"]
+                # The image's entrypoint (tini) and user, with discord.py pointed at the fake as in tests/e2e.
+                await start(
+                    docker_run_command(name, IMAGE, env, *options)
+                    + ["python", "-c", LAUNCH, fake.base_url, fake.gateway_url]
+                )
+                say(f"bot container {name} started; waiting for it to log in to the fake Discord at {fake.base_url}")
+                try:
+                    await fake.wait_ready_session(timeout=180)
+                    connected = time.monotonic()
+                    say(f"connected to the gateway {connected - started:.1f}s after docker run")
+                    reply = await fake.ask(w.member, w.general, "hello there", timeout=90)
+                except AssertionError as exc:
+                    raise CheckFailed(f"{exc}\n{await logs_of(names)}") from None
+                say(f"answered a mention {time.monotonic() - connected:.1f}s after connecting: {reply!r}")
+                await check_reply(reply, model_dir, mode)
+                for each in names:
+                    await wait_healthy(each)
+                say("healthy (the image's HEALTHCHECK on /health)")
+                for each in names:  # the bot first, then its model server
+                    await stop_cleanly(each, fake.token)
+                if len(fake.close_codes) != 1 or fake.close_codes[0] not in (1000, 4000):
+                    raise CheckFailed(f"gateway close codes {fake.close_codes}, not one clean close")
+                await check_history(mode, volume, env)
+            finally:
+                for each in names:
+                    await run("docker", "rm", "--force", each)
+                await run("docker", "volume", "rm", "--force", volume)
+    say(f"{mode}: PASS")
+
+
+async def start(command: list[str]) -> None:
+    code, _, err = await run(*command)
+    if code != 0:
+        raise CheckFailed(f"docker run failed ({code}): {err.strip()}")
+
+
+async def logs_of(names: list[str]) -> str:
+    text = ""
+    for name in names:
+        _, out, err = await run("docker", "logs", name)
+        text += f"output of {name}:\n{out}{err}\n"
+    return text
+
+
+async def wait_log(name: str, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, out, err = await run("docker", "logs", name)
+        if text in out + err:
+            return
+        _, running, _ = await run("docker", "inspect", name, "--format", "{{.State.Running}}")
+        if running.strip() != "true":
+            break
+        await asyncio.sleep(1)
+    raise CheckFailed(f"{text!r} never appeared in the output of {name}:\n{await logs_of([name])}")
+
+
+async def check_reply(reply: str, model_dir: Path, mode: str) -> None:
+    """A local model must say what the same model says here; through the server, any reply will do (the
+    remote engine's prompt carries the speaker's name)."""
+    if mode == "serve":
+        if not reply.strip():
+            raise CheckFailed("an empty reply through the model server")
+        return
+    from bot.core.types import Turn
+    from bot.engine import Engine, EngineConfig
+
+    async with Engine(EngineConfig(model_name=str(model_dir), device="cpu", precision="fp32")) as engine:
+        expected = await engine.reply([Turn("user", "hello there")])
+    if reply != expected:
+        raise CheckFailed(f"the container replied {reply!r}; the same model here says {expected!r}")
+
+
+async def stop_cleanly(name: str, token: str) -> None:
+    stopping = time.monotonic()
+    code, _, err = await run("docker", "stop", "--time", "60", name, timeout=90)
+    if code != 0:
+        raise CheckFailed(f"docker stop failed: {err.strip()}")
+    _, state, _ = await run("docker", "inspect", name, "--format", "{{json .State}}")
+    exit_code = json.loads(state)["ExitCode"]
+    _, out, err = await run("docker", "logs", name)
+    logs = out + err
+    say(f"docker stop {name} (SIGTERM): exit code {exit_code} after {time.monotonic() - stopping:.1f}s")
+    problems = []
+    if exit_code != 0:
+        problems.append(f"exit code {exit_code}, not 0")
+    if "Traceback" in logs:
+        problems.append("a traceback in its output")
+    if token in logs:
+        problems.append("the token in its output")
+    if problems:
+        raise CheckFailed(f"{name}: " + "; ".join(problems) + f"\ncontainer output:\n{logs}")
+
+
+async def check_history(mode: str, volume: str, env: dict[str, str]) -> None:
+    if mode == "postgres":
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(env["HISTORY_DB"]) as conn:
+            row = await (await conn.execute("SELECT count(*) FROM turns")).fetchone()
+        if not row or row[0] < 2:
+            raise CheckFailed(f"{row[0] if row else 0} turns in PostgreSQL, not the mention and its reply")
+        say(f"history in PostgreSQL: {row[0]} turns")
+        return
+    code, _, _ = await run("docker", "run", "--rm", "-v", f"{volume}:/app/data", IMAGE, "test", "-s", HISTORY)
+    if code != 0:
+        raise CheckFailed("no history.sqlite3 in the data volume")
+    say("history in the volume: " + HISTORY)
 
 
 async def wait_healthy(name: str, timeout: float = 60) -> None:
@@ -471,22 +581,32 @@ def check_compose(workdir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.docker_check", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--postgres", action="store_true", help="also: the history in a PostgreSQL server here (needs initdb, pg_ctl)"
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help=f"also: build {SERVE_IMAGE} and run the model in python -m bot.serve"
+    )
     parser.add_argument("--keep-workdir", action="store_true", help="keep the logs and the tiny model")
     args = parser.parse_args(argv)
+    modes = ["sqlite"] + ["postgres"] * args.postgres + ["serve"] * args.serve
     workdir = Path(tempfile.mkdtemp(prefix="docker-test-"))
+    workdir.chmod(0o755)  # the tiny model in it is read by the image's user (uid 10001)
     started = time.monotonic()
     try:
         with docker_daemon(workdir / "dockerd.log"):
             ensure_base_image(workdir)
-            seconds = build_image(workdir)
-            say(f"built {IMAGE} in {seconds:.0f}s: {image_size(IMAGE)}")
+            for tag in [IMAGE] + [SERVE_IMAGE] * args.serve:
+                seconds = build_image(workdir, tag)
+                say(f"built {tag} in {seconds:.0f}s: {image_size(tag)}")
+            quiet_transformers()
             from tests.tiny_model import build_tiny_model
 
             model_dir = build_tiny_model(workdir / "tiny-model")
-            for path in [workdir, *model_dir.rglob("*")]:  # readable by the image's user (uid 10001)
+            for path in [model_dir, *model_dir.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
-            model_dir.chmod(0o755)
-            asyncio.run(check_container(model_dir))
+            for mode in modes:
+                asyncio.run(check_bot(model_dir, mode))
             check_compose(workdir)
     except CheckFailed as exc:
         say(f"FAIL: {exc}")
@@ -496,8 +616,17 @@ def main(argv: list[str] | None = None) -> int:
         say(f"logs and the tiny model kept in {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    say(f"PASS ({time.monotonic() - started:.0f}s in all)")
+    say(f"PASS: {', '.join(modes)} ({time.monotonic() - started:.0f}s in all)")
     return 0
+
+
+def quiet_transformers() -> None:
+    """No progress bars here for the tiny model's saving and loading."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":
