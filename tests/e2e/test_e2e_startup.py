@@ -82,7 +82,7 @@ async def test_logs_in_and_syncs_commands_before_the_model_loads_and_connects_af
     assert spy.calls_seen is not None and spy.calls_seen[0] == ("GET", "/users/@me", 200)
     # The cogs were loaded and their slash commands synced before the model started to load...
     assert any(method == "PUT" and path.endswith("/commands") for method, path, _ in spy.calls_seen)
-    assert {name for _, name in fake_discord.commands} == {"reset", "stats", "forget-me"}
+    assert {name for _, name in fake_discord.commands} == {"reset", "stats", "forget-me", "bot", "persona"}
     # ...and the gateway was never opened, since the model did not load.
     assert spy.identifies_seen == 0 and fake_discord.identifies == 0
 
