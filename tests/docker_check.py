@@ -320,7 +320,7 @@ def build_image(workdir: Path, tag: str) -> float:
         env = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the classic builder: no buildx plugin needed
         with log_path.open("w") as log:
             process = subprocess.Popen(
-                ["docker", "build", "--network", "host", "-t", tag, *build_args, str(REPO)],
+                ["docker", "build", "--force-rm", "--network", "host", "-t", tag, *build_args, str(REPO)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -447,7 +447,7 @@ async def check_bot(model_dir: Path, mode: str) -> None:
                 await check_history(mode, volume, env)
             finally:
                 for each in names:
-                    await run("docker", "rm", "--force", each)
+                    await run("docker", "rm", "--force", "--volumes", each)
                 await run("docker", "volume", "rm", "--force", volume)
     say(f"{mode}: PASS")
 
