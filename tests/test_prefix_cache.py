@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bot.core.types import Turn
-from bot.engine import Engine, chat_prompt
+from bot.engine import Engine, causal, chat_prompt
 from bot.engine.chat_prompt import build_chat_ids, render_chat_ids
 from bot.engine.prefix_cache import PrefixCache, common_prefix
 from tests.engine_spies import record_tokens
@@ -133,9 +133,15 @@ async def converse(engine: Engine, channels: int, turns: int, *, together: bool 
     return histories
 
 
-async def test_replies_with_the_cache_equal_replies_without_it(tiny_chat_model_dir: Path) -> None:
+@pytest.mark.parametrize("in_place", [True, False], ids=["attending in place", "through the model's forward"])
+async def test_replies_with_the_cache_equal_replies_without_it(
+    tiny_chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
     """The fp32 oracle: a multi-turn conversation in three channels, then histories that changed (a reset,
-    an edited turn): every reply token for token the uncached engine's, with most positions not re-read."""
+    an edited turn): every reply token for token the uncached engine's, with most positions not re-read.
+    Both ways of reading new tokens after a cached past are held to it."""
+    if not in_place:
+        monkeypatch.setattr(causal, "IN_PLACE_SCORES", 0)
     tokens: list[list[list[int]]] = []
     for cache_mb in (0, None):
         async with Engine(chat_config(tiny_chat_model_dir, prefix_cache_mb=cache_mb)) as engine:
