@@ -77,8 +77,8 @@ RUN set -eu; \
     rm -rf /tmp/requirements
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin bot \
-    && mkdir -p /app/data /home/bot/.cache/huggingface \
-    && chown -R bot:bot /app/data /home/bot/.cache
+    && mkdir -p /app/data /app/cache/huggingface \
+    && chown -R bot:bot /app/data /app/cache
 
 WORKDIR /app
 COPY bot/ bot/
@@ -89,8 +89,8 @@ COPY serve.yaml ./
 USER bot
 # The history (HISTORY_DB's default, data/history.sqlite3, is /app/data/history.sqlite3 here) and the
 # models downloaded on first start (about 1.5 GB for the default) outlive the container.
-ENV HF_HOME=/home/bot/.cache/huggingface
-VOLUME ["/app/data", "/home/bot/.cache/huggingface"]
+ENV HF_HOME=/app/cache/huggingface
+VOLUME ["/app/data", "/app/cache/huggingface"]
 
 # Liveness on /health when METRICS_PORT is set (in the environment or /app/.env, as the bot reads
 # them); without it there is nothing to ask, and the check passes.

@@ -65,6 +65,8 @@ class Settings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system message
     context_tokens: int | None = None  # None: the model's own limit, capped at 2048
     sampling: bool = True  # False: always greedy, whatever the model's generation_config says
+    prefix_cache_mb: int | None = None  # finished conversations' keys/values kept; None: as much as the slabs
+    prefill_chunk_tokens: int = 64  # a new prompt is read in this many tokens per step while replies run; 0: whole
     # Shards: None = as many as Discord recommends, all run by this process.
     shard_count: int | None = None
     shard_ids: tuple[int, ...] | None = None  # None: every shard of shard_count (needs shard_count)
@@ -245,6 +247,8 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "SYSTEM_PROMPT": ("system_prompt", _system_prompt),
     "CONTEXT_TOKENS": ("context_tokens", _int(256, 131072)),
     "SAMPLING": ("sampling", _bool),
+    "PREFIX_CACHE_MB": ("prefix_cache_mb", _int(0, 1_000_000)),
+    "PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", _int(0, 131072)),
     "SHARD_COUNT": ("shard_count", _int(1, 100_000)),
     "SHARD_IDS": ("shard_ids", _shard_ids),
     "METRICS_PORT": ("metrics_port", _int(1, 65535)),

@@ -37,6 +37,7 @@ class ScriptedEngine:
         self.answers: list[str] = []  # taken in turn, before `answer`, one per reply
         self.cancelled = 0  # replies whose caller went away (a Stop button) before they were finished
         self.cancelled_at: list[float] = []  # when each was (time.monotonic())
+        self.forgotten = 0  # how often it was told to drop its kept conversations (/forget-me)
 
     async def reply(
         self,
@@ -71,6 +72,10 @@ class ScriptedEngine:
         if self.fail is not None:
             raise self.fail
         return answer
+
+    def forget_cached_conversations(self) -> int:
+        self.forgotten += 1
+        return 0
 
     def check_system_prompt(self, text: str) -> str | None:
         words = len(text.split())

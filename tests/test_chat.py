@@ -66,6 +66,14 @@ async def test_blank_model_output_gets_a_notice(chat: ChatService, scripted_engi
     assert await chat.history.get(A) == []
 
 
+async def test_forget_me_also_drops_the_engines_kept_conversations(
+    chat: ChatService, scripted_engine: ScriptedEngine
+) -> None:
+    await chat.respond(A, 7, "a")
+    await chat.forget_user(7)
+    assert scripted_engine.forgotten == 1
+
+
 async def test_reset_forget_and_in_flight(chat: ChatService) -> None:
     await chat.respond(A, 7, "a")
     await chat.respond(B, 8, "b")

@@ -74,7 +74,9 @@ def test_a_pinned_entry_is_never_evicted_nor_superseded() -> None:
     assert cache.keep([7, 7, 2, 2], 4, states(4))  # evicts [7, 7, 1, 1], not the pinned one
     assert [e.tokens for e in cache.entries()] == [[7, 7], [7, 7, 2, 2]]
     assert not cache.keep([1] * 5, 5, states(5))  # more than the room the pinned entry leaves
-    cache.clear()
+    assert cache.clear(keep_pinned=True) == 1  # /forget-me: the system prompt's prefix holds nobody's words
+    assert [e.tokens for e in cache.entries()] == [[7, 7]]
+    assert cache.clear() == 1
     assert len(cache) == 0 and cache.nbytes == 0
 
 
@@ -217,6 +219,9 @@ async def test_forgetting_drops_every_kept_conversation(tiny_chat_model_dir: Pat
         reply = await engine.reply(history)
         cache = engine._scheduler.runner.prefix_cache
         assert len(cache) == 2  # the system prompt's prefix and this conversation
-        assert engine.forget_cached_conversations() == 2 and len(cache) == 0
-        assert await engine.reply(history) == reply  # read from scratch, the same reply
-        assert cache.counters.history[-1] == 0
+        # the system prompt's prefix holds nobody's words: it stays
+        assert engine.forget_cached_conversations() == 1 and len(cache) == 1
+        (system,) = cache.entries()
+        assert system.pinned
+        assert await engine.reply(history) == reply  # read again past the system prompt, the same reply
+        assert cache.counters.history[-1] == len(system.tokens)

@@ -336,5 +336,12 @@ class ChatService:
         return await self.history.reset_guild(guild_id)
 
     async def forget_user(self, user_id: int) -> int:
-        """Delete every turn written by or to one person; raises `HistoryError`."""
-        return await self.history.forget_user(user_id)
+        """Delete every turn written by or to one person; raises `HistoryError`.
+
+        The engine's kept keys/values of finished conversations go too: they are computed from
+        everybody's words, and there is no telling which hold this person's.
+        """
+        removed = await self.history.forget_user(user_id)
+        dropped = self.engine.forget_cached_conversations()
+        log.info("forgot a user: %d turns, %d cached conversations", removed, dropped)
+        return removed

@@ -101,6 +101,10 @@ class ReplyEngine(Protocol):
     @property
     def can_stream(self) -> bool: ...
 
+    def forget_cached_conversations(self) -> int:
+        """Drop what the engine keeps of finished conversations (`/forget-me`); how many it dropped."""
+        ...
+
 
 class ServingEngine(ReplyEngine, Protocol):
     """An engine the entrypoint starts before serving and closes at the end."""

@@ -99,8 +99,8 @@ class EngineConfig:
             system_prompt=settings.system_prompt,
             context_tokens=settings.context_tokens,
             sampling=settings.sampling,
-            prefix_cache_mb=getattr(settings, "prefix_cache_mb", None),
-            prefill_chunk_tokens=getattr(settings, "prefill_chunk_tokens", 64),
+            prefix_cache_mb=settings.prefix_cache_mb,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
         )
 
 
@@ -203,14 +203,11 @@ class Engine:
 
     def forget_cached_conversations(self) -> int:
         """Drop every conversation's kept keys/values (`/forget-me`: nothing derived from a user's words
-        stays in memory until evicted). Safe from any thread; returns how many entries went."""
+        stays in memory until evicted); the system prompt's prefix stays. Safe from any thread; returns
+        how many entries went."""
         runner = self._scheduler.runner if self._scheduler is not None else None
         cache = getattr(runner, "prefix_cache", None)
-        if cache is None:
-            return 0
-        dropped = len(cache)
-        cache.clear()
-        return dropped
+        return 0 if cache is None else cache.clear(keep_pinned=True)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens `text` is to this model, without special tokens (the server's usage counts)."""

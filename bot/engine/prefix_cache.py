@@ -144,11 +144,16 @@ class PrefixCache:
             self.counters.kept += 1
         return True
 
-    def clear(self) -> None:
-        """Forget every entry (e.g. when a user asks to be forgotten)."""
+    def clear(self, *, keep_pinned: bool = False) -> int:
+        """Forget every entry (e.g. when a user asks to be forgotten); returns how many went.
+
+        `keep_pinned` keeps the system prompt's prefix, which holds nobody's words.
+        """
         with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+            gone = [key for key, entry in self._entries.items() if not (keep_pinned and entry.pinned)]
+            for key in gone:
+                self._drop(key)
+            return len(gone)
 
     def _drop(self, key: int) -> None:
         self._bytes -= self._entries.pop(key).nbytes

@@ -308,6 +308,10 @@ class RemoteEngine:
         """True: the server's model decides (this project's server on BlenderBot ignores the system message)."""
         return True
 
+    def forget_cached_conversations(self) -> int:
+        """0: nothing is kept here between replies (what the server caches is the server's to drop)."""
+        return 0
+
     def stats(self) -> EngineStats:
         latencies = list(self._latencies)
         return EngineStats(
