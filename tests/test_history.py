@@ -45,10 +45,18 @@ async def test_append_and_get_in_order(store: HistoryStore) -> None:
     assert await store.get(B) == []
 
 
-async def test_bounded_to_newest_turns(store: HistoryStore) -> None:
-    for i in range(5):
+async def test_bounded_to_newest_turns_cut_in_steps(store: HistoryStore) -> None:
+    """max_turns 4: a conversation grows to 6 turns, then is cut back to its newest 4 at once, so its
+    oldest turn stays put for more than one message (the engine's prefix cache keeps matching)."""
+    lengths, first = [], []
+    for i in range(6):
         await store.append(A, 7, Turn("user", f"q{i}"), Turn("bot", f"a{i}"))
-    assert [t.text for t in await store.get(A)] == ["q3", "a3", "q4", "a4"]
+        turns = await store.get(A)
+        lengths.append(len(turns))
+        first.append(turns[0].text)
+        assert [t.text for t in turns[-4:]] == [x for j in range(max(0, i - 1), i + 1) for x in (f"q{j}", f"a{j}")]
+    assert lengths == [2, 4, 6, 4, 6, 4]
+    assert first == ["q0", "q0", "q0", "q2", "q2", "q4"]
     assert await store.counts() == (1, 4)  # trimmed in the database too
 
 

@@ -35,7 +35,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.core.types import Conversation, Turn
-from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, redact
+from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, redact, trim_step
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ _LOCK_EPOCHS = (
 )
 _INSERT = "INSERT INTO turns (channel_id, guild_id, user_id, role, text, speaker) VALUES (%s, %s, %s, %s, %s, %s)"
 _TRIM = (
-    "DELETE FROM turns WHERE channel_id = %s AND id NOT IN"
-    " (SELECT id FROM turns WHERE channel_id = %s ORDER BY id DESC LIMIT %s)"
+    "DELETE FROM turns WHERE channel_id = %(channel)s AND id NOT IN"
+    " (SELECT id FROM turns WHERE channel_id = %(channel)s ORDER BY id DESC LIMIT %(keep)s)"
+    " AND (SELECT COUNT(*) FROM turns WHERE channel_id = %(channel)s) > %(most)s"
 )
 _BUMP = (
     "INSERT INTO epochs (scope, id, epoch) VALUES (%s, %s, 1)"
@@ -126,7 +127,8 @@ _BUMP = (
 
 
 class PostgresHistoryStore:
-    """Turns per conversation in PostgreSQL, newest `max_turns` kept; open with `PostgresHistoryStore.open`."""
+    """Turns per conversation in PostgreSQL, newest `max_turns` kept (cut in steps); open with
+    `PostgresHistoryStore.open`."""
 
     def __init__(self, pool: AsyncConnectionPool, max_turns: int, display: str) -> None:
         self._pool = pool
@@ -195,7 +197,7 @@ class PostgresHistoryStore:
 
     async def get(self, conversation: Conversation) -> list[Turn]:
         async with self._connection() as conn:
-            cur = await conn.execute(_GET, (conversation.channel_id, self.max_turns))
+            cur = await conn.execute(_GET, (conversation.channel_id, self.max_turns + trim_step(self.max_turns)))
             return [Turn(role, text, speaker) for role, text, speaker in await cur.fetchall()]
 
     async def snapshot(self, conversation: Conversation, user_id: int | None) -> Snapshot:
@@ -203,7 +205,7 @@ class PostgresHistoryStore:
             "channel": conversation.channel_id,
             "guild": conversation.guild_id,
             "user": user_id,
-            "limit": self.max_turns,
+            "limit": self.max_turns + trim_step(self.max_turns),
         }
         async with self._connection() as conn:
             rows = await (await conn.execute(_SNAPSHOT, params)).fetchall()
@@ -231,7 +233,8 @@ class PostgresHistoryStore:
                 _INSERT,
                 [(*keys, t.role, _no_nul(t.text), _no_nul(t.speaker) if t.speaker else t.speaker) for t in turns],
             )
-            await cur.execute(_TRIM, (conversation.channel_id, conversation.channel_id, self.max_turns))
+            most = self.max_turns + trim_step(self.max_turns)
+            await cur.execute(_TRIM, {"channel": conversation.channel_id, "keep": self.max_turns, "most": most})
             return True
 
         return await self._transaction(write)

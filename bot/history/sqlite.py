@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bot.core.types import Conversation, Turn
-from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot
+from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, trim_step
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ _REOPEN_AFTER_WORDS = (*_READONLY_WORDS, "disk i/o error", "unable to open", "ma
 
 
 class SQLiteHistoryStore:
-    """Turns per conversation in one SQLite file (or `:memory:`), newest `max_turns` kept.
+    """Turns per conversation in one SQLite file (or `:memory:`), newest `max_turns` kept (cut in steps).
 
     The constructor opens the file on the calling thread (handy in synchronous test fixtures);
     async code uses `open`, which does it off the event loop.
@@ -240,7 +240,7 @@ class SQLiteHistoryStore:
             "SELECT role, text, speaker FROM"
             " (SELECT id, role, text, speaker FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)"
             " ORDER BY id",
-            (conversation.channel_id, self.max_turns),
+            (conversation.channel_id, self.max_turns + trim_step(self.max_turns)),
         ).fetchall()
         return [Turn(role, text, speaker) for role, text, speaker in rows]
 
@@ -279,8 +279,15 @@ class SQLiteHistoryStore:
                 )
                 self._db.execute(
                     "DELETE FROM turns WHERE channel_id = ? AND id NOT IN"
-                    " (SELECT id FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)",
-                    (conversation.channel_id, conversation.channel_id, self.max_turns),
+                    " (SELECT id FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)"
+                    " AND (SELECT COUNT(*) FROM turns WHERE channel_id = ?) > ?",
+                    (
+                        conversation.channel_id,
+                        conversation.channel_id,
+                        self.max_turns,
+                        conversation.channel_id,
+                        self.max_turns + trim_step(self.max_turns),
+                    ),
                 )
                 return True
 
