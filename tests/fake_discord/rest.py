@@ -449,6 +449,7 @@ class Rest:
         record.response_times.append(now)
         if kind in (6, 7):
             if kind == 7:
+                assert old is not None  # looked up above
                 await self._update_message(request, channel, old, data)
             if request.query.get("with_response") not in ("1", "true", "True"):
                 return web.Response(status=204)
