@@ -11,8 +11,10 @@ pass for a new row and an old one.
 A finished row's keys and values can be kept (`prefix_cache.py`): a later prompt that starts with
 the same tokens copies those positions in and prefills only the rest.
 
-Batch invariance: every row attends over a slab of the same fixed length (the context window),
-masked past its own position, so what a row computes never depends on the other rows.
+Batch invariance: a step's row attends over its slab's first positions up to its own position rounded
+up to `ATTEND_BUCKET` (rows of the same length together), masked past its position, so what a row
+computes never depends on the other rows. An int8 model's q/k/v projections run as one Linear, and
+its MLP's gate and up projections as another (`int8.fuse_linears_`), with bitwise the same results.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from bot.engine.int8 import RowwiseInt8Linear, fuse_linears_
 from bot.engine.prefix_cache import PrefixCache
 from bot.engine.slabs import attend, reorder_rows
 
@@ -33,6 +36,11 @@ from bot.engine.slabs import attend, reorder_rows
 # copies the past into a DynamicCache); at 64 they are even; at 133 the forward's flash attention
 # is faster than building the scores matrix.
 IN_PLACE_SCORES = 32 * 2048
+
+# A decoding step attends over each row's first positions rounded up to a multiple of this (rows
+# with the same length attend together), not over the whole slab. The length depends on the row's
+# own position only, so batch invariance holds.
+ATTEND_BUCKET = 128
 
 # model_type -> whether its attention normalises queries and keys per head (Qwen3)
 SUPPORTED = {"llama": False, "qwen2": False, "qwen3": True}
@@ -73,6 +81,8 @@ class CausalRunner:
         max_length: int,
         cache_dtype: torch.dtype,
         prefix_cache: PrefixCache | None = None,
+        fuse: bool = True,
+        attend_bucket: int | None = ATTEND_BUCKET,
     ) -> None:
         config = model.config
         check_supported(config)
@@ -101,6 +111,9 @@ class CausalRunner:
         self.prefix_cache = prefix_cache
         self.compute_dtype = self.body.norm.weight.dtype
         self.joining: _Joining | None = None  # a block whose prompt is being read in, chunk by chunk
+        self.attend_bucket = attend_bucket  # None: every step attends over the whole slab
+        # int8: q/k/v and gate/up become one Linear each (bitwise the same results, fewer calls)
+        self._fused = [_fuse_layer(layer) if fuse else (None, None) for layer in self.body.layers]
 
     @staticmethod
     def cache_size(config: Any, max_blocks: int, max_length: int, element_size: int = 4) -> int:
@@ -293,13 +306,18 @@ class CausalRunner:
         row_index = torch.arange(rows, device=self.device)
         hidden = body.embed_tokens(tokens)
         cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
-        mask = (self._slots[None, :] <= positions[:, None])[:, None, None, :]  # [rows, 1, 1, slots]
-        for layer, keys, values in zip(body.layers, self.keys, self.values, strict=True):
+        spans = self._attention_spans(positions)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for layer, keys, values, (qkv, gate_up) in zip(body.layers, self.keys, self.values, self._fused, strict=True):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
-            query = attention.q_proj(x).view(rows, self.heads, self.head_dim)
-            key = attention.k_proj(x).view(rows, self.kv_heads, self.head_dim)
-            value = attention.v_proj(x).view(rows, self.kv_heads, self.head_dim)
+            if qkv is not None:
+                query, key, value = qkv(x).split((q_size, kv_size, kv_size), dim=-1)
+            else:
+                query, key, value = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+            query = query.view(rows, self.heads, self.head_dim)
+            key = key.view(rows, self.kv_heads, self.head_dim)
+            value = value.view(rows, self.kv_heads, self.head_dim)
             if self.norms_heads:
                 query, key = attention.q_norm(query), attention.k_norm(key)
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
@@ -307,10 +325,65 @@ class CausalRunner:
             values[row_index, :, positions] = value.to(self.cache_dtype)
             # Grouped-query attention: the query heads of one key/value head are that head's queries.
             query = query.view(rows, self.kv_heads, self.groups, self.head_dim)
-            out = attend(query, keys[:rows], values[:rows], mask, self.scaling)  # [rows, kv_heads, groups, head_dim]
+            out = self._attend(query, keys, values, spans)  # [rows, kv_heads, groups, head_dim]
             hidden = hidden + attention.o_proj(out.reshape(rows, -1).to(hidden.dtype))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            if gate_up is not None:
+                mlp = layer.mlp
+                gate, up = gate_up(x).chunk(2, dim=-1)
+                hidden = hidden + mlp.down_proj(mlp.act_fn(gate).mul_(up))
+            else:
+                hidden = hidden + layer.mlp(x)
         return self.model.lm_head(body.norm(hidden)).float()
+
+    def _attention_spans(self, positions: torch.Tensor) -> list[tuple[slice | torch.Tensor, int, torch.Tensor]]:
+        """Rows that attend together: (their rows, how many slots they read, their mask [n, 1, 1, slots]).
+
+        A row reads its slots up to its position rounded up to `attend_bucket`, a length that depends
+        on nothing but that row, so its result is the same whichever rows share its span.
+        """
+        rows = self.rows
+        if self.attend_bucket is None:
+            mask = (self._slots[None, :] <= positions[:, None])[:, None, None, :]
+            return [(slice(0, rows), self.max_length, mask)]
+        bucket = self.attend_bucket
+        by_length: dict[int, list[int]] = {}
+        for row, position in enumerate(positions.tolist()):
+            length = min(self.max_length, (position // bucket + 1) * bucket)
+            by_length.setdefault(length, []).append(row)
+        spans: list[tuple[slice | torch.Tensor, int, torch.Tensor]] = []
+        for length, members in by_length.items():
+            index: slice | torch.Tensor
+            if members[-1] - members[0] == len(members) - 1:
+                index = slice(members[0], members[-1] + 1)
+            else:
+                index = torch.tensor(members, device=self.device)
+            mask = (self._slots[None, :length] <= positions[index, None])[:, None, None, :]
+            spans.append((index, length, mask))
+        return spans
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        spans: list[tuple[slice | torch.Tensor, int, torch.Tensor]],
+    ) -> torch.Tensor:
+        if len(spans) == 1:
+            index, length, mask = spans[0]
+            return attend(query, keys[index, :, :length], values[index, :, :length], mask, self.scaling)
+        out = torch.empty(query.shape, dtype=keys.dtype, device=query.device)
+        for index, length, mask in spans:
+            out[index] = attend(query[index], keys[index, :, :length], values[index, :, :length], mask, self.scaling)
+        return out
+
+
+def _fuse_layer(layer: Any) -> tuple[RowwiseInt8Linear | None, RowwiseInt8Linear | None]:
+    """An int8 layer's q/k/v projections as one Linear, and its MLP's gate/up as one (else None)."""
+    qkv = fuse_linears_(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
+    mlp = layer.mlp
+    gate_up = fuse_linears_(mlp, ["gate_proj", "up_proj"]) if hasattr(mlp, "act_fn") else None
+    return qkv, gate_up
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
+_BUFFERED_ROWS = 64  # input buffers of up to this many rows (decoding steps) are kept between calls
 
 
 def can_quantize() -> bool:
@@ -49,35 +50,158 @@ class RowwiseInt8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         weight = weight.detach().float()
-        self.in_features = int(weight.shape[1])
-        self.out_features = int(weight.shape[0])
+        out_features = int(weight.shape[0])
         scales = (weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0).double()
         with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated" (torch 2.13)
             warnings.simplefilter("ignore")
             qweight = torch.quantize_per_channel(
-                weight, scales, torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8
+                weight, scales, torch.zeros(out_features, dtype=torch.long), 0, torch.qint8
             )
+        self._setup(qweight, None if bias is None else bias.detach().float().clone())
+
+    def _setup(self, qweight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.in_features = int(qweight.shape[1])
+        self.out_features = int(qweight.shape[0])
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
         anchor = torch.zeros(1, self.in_features)
         anchor[0, 0] = -1.0
         if self.in_features > 1:
             anchor[0, 1] = 1.0
         self.register_buffer("_anchor", anchor, persistent=False)
+        self._buffers_by_rows: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def fused(cls, linears: list[RowwiseInt8Linear]) -> RowwiseInt8Linear:
+        """One Linear computing `linears` (same input) side by side: their outputs concatenated.
+
+        The int8 weights and per-channel scales are the parts' own, and each row's activation
+        scale depends on the input alone, so every output column is bitwise what its part gives.
+        """
+        if len({m.in_features for m in linears}) != 1:
+            raise ValueError("fused Linears must share their input size")
+        if len({m.bias is None for m in linears}) != 1:
+            raise ValueError("fused Linears must all have a bias or none")
+        weights = [torch.ops.quantized.linear_unpack(m._packed)[0] for m in linears]
+        qweight = torch._make_per_channel_quantized_tensor(
+            torch.cat([w.int_repr() for w in weights]),
+            torch.cat([w.q_per_channel_scales() for w in weights]),
+            torch.cat([w.q_per_channel_zero_points() for w in weights]),
+            0,
+        )
+        biases = [m.bias for m in linears]
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._setup(qweight, None if biases[0] is None else torch.cat([b for b in biases if b is not None]))
+        return fused
+
+    def _input_buffer(self, rows: int) -> torch.Tensor:
+        """[rows + 1, in_features], its last row the anchor: kept per row count (a few sizes recur)."""
+        buf = self._buffers_by_rows.get(rows)
+        if buf is None:
+            if rows > _BUFFERED_ROWS:
+                buf = torch.empty(rows + 1, self.in_features)
+                buf[-1:].copy_(self._anchor)
+                return buf
+            if len(self._buffers_by_rows) >= 8:
+                self._buffers_by_rows.clear()
+            buf = torch.empty(rows + 1, self.in_features)
+            buf[-1:].copy_(self._anchor)
+            self._buffers_by_rows[rows] = buf
+        return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features).float()
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # faster than vector_norm(inf) on CPU
-        buf = torch.empty(rows.shape[0] + 1, self.in_features)
+        if torch.is_inference_mode_enabled():
+            buf = self._input_buffer(rows.shape[0])  # reused: the kernel reads it only during this call
+        else:
+            buf = torch.empty(rows.shape[0] + 1, self.in_features)
+            buf[-1:].copy_(self._anchor)
         torch.div(rows, scale, out=buf[:-1])
-        buf[-1:].copy_(self._anchor)
         out = torch.ops.quantized.linear_dynamic(buf, self._packed, True)[:-1]
-        out = torch.addcmul(self.bias, out, scale) if self.bias is not None else out * scale
+        out = torch.addcmul(self.bias, out, scale) if self.bias is not None else out.mul_(scale)
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rowwise"
+
+
+class FusedPart(nn.Module):
+    """Columns `[start:end]` of a fused Linear's output, standing in for the Linear it replaced.
+
+    The parts of one fused Linear are called one after another on the same input (Llama/Qwen
+    attention: q, k, v of the hidden states; the MLP: gate and up): the first call computes every
+    part at once and the others take their columns of that result, so the model's own forward
+    (long prefills) runs the fused Linear once too. An input that is not the very tensor the
+    pending result was computed from, or a part asked twice, is computed afresh.
+    """
+
+    def __init__(self, shared: _SharedOutput, index: int) -> None:
+        super().__init__()
+        self.shared = shared
+        self.linear = shared.linear  # a submodule of every part (listed once by `named_modules`)
+        self.index = index
+        self.start, self.end = shared.bounds[index], shared.bounds[index + 1]
+        self.in_features = shared.linear.in_features
+        self.out_features = self.end - self.start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.output(self.index, x)[..., self.start : self.end]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.end} of a fused int8 Linear"
+
+
+class _SharedOutput:
+    """The pending output of a fused Linear, until each of its parts has taken its columns."""
+
+    def __init__(self, linear: RowwiseInt8Linear, sizes: list[int]) -> None:
+        self.linear = linear
+        self.bounds = [0]
+        for size in sizes:
+            self.bounds.append(self.bounds[-1] + size)
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._taken: set[int] = set()
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self._input is x and self._output is not None and index not in self._taken:
+            out = self._output
+        else:
+            out = self.linear(x)
+            self._input, self._output, self._taken = x, out, set()
+        self._taken.add(index)
+        if len(self._taken) == len(self.bounds) - 1:  # every part has its columns: let go of both
+            self._input = self._output = None
+        return out
+
+
+def fuse_linears_(parent: nn.Module, names: list[str]) -> RowwiseInt8Linear | None:
+    """Fuse `parent`'s int8 Linears `names` (which share an input) into one, in place; returns it.
+
+    Each `parent.<name>` becomes a `FusedPart` of the fused Linear, so the model's own forward still
+    works (and gives bitwise the same results); the parts' own weights are freed. Returns the
+    fused Linear already there if `parent` was fused before, and None unless every one is a
+    `RowwiseInt8Linear` of the same input size.
+    """
+    modules = [getattr(parent, name, None) for name in names]
+    if all(isinstance(m, FusedPart) for m in modules):
+        parts = [m for m in modules if isinstance(m, FusedPart)]
+        if len({id(p.shared) for p in parts}) == 1 and [p.index for p in parts] == list(range(len(names))):
+            return parts[0].shared.linear
+        return None
+    linears = [m for m in modules if type(m) is RowwiseInt8Linear]
+    if len(linears) != len(names) or len({m.in_features for m in linears}) != 1:
+        return None
+    if len({m.bias is None for m in linears}) != 1:
+        return None
+    fused = RowwiseInt8Linear.fused(linears)
+    shared = _SharedOutput(fused, [m.out_features for m in linears])
+    for index, name in enumerate(names):
+        setattr(parent, name, FusedPart(shared, index))
+    return fused
 
 
 class Int8Embedding(nn.Module):
