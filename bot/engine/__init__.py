@@ -23,8 +23,8 @@ from bot.core.partial import GrowingText
 from bot.core.types import Turn
 from bot.engine.detokenize import IncrementalText
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, EngineSettingsError, GenerationTimeout
+from bot.engine.families import ModelFamily
 from bot.engine.loading import ModelLoadError, load_tokenizer_and_model, one_line
-from bot.engine.prompt import build_input_ids
 
 __all__ = [
     "Engine",
@@ -42,19 +42,6 @@ log = logging.getLogger(__name__)
 # Attention caches of an int8 model stay fp32 up to this size (greedy decoding, small batches), and
 # are bf16 beyond it (10 beams x 8 replies: 0.7 GB as fp32), which keeps serving under 1.5 GB RSS.
 FP32_CACHE_LIMIT_BYTES = 256 << 20
-# A chat model's context window, unless CONTEXT_TOKENS says otherwise: the model's own limit (32K for
-# Qwen2.5) capped here. On a CPU a 2,048-token prompt already takes seconds to read in, and every
-# reply attends over the whole window, so a longer default would slow every answer for history
-# that a chat in a Discord channel rarely needs.
-DEFAULT_CONTEXT_TOKENS = 2048
-# The longest chat-model reply when the model's generation_config sets no length (Discord shows
-# 2000 characters per message; 256 tokens is about 1000 characters of English).
-DEFAULT_REPLY_TOKENS = 256
-# A chat model's SYSTEM_PROMPT must leave at least this many tokens of a prompt for the conversation
-# (a few words of the newest message), or the engine does not start; under ROOMY_CONVERSATION_TOKENS
-# (about 40 words) it starts with a warning, since only the end of a long message would be read.
-MIN_CONVERSATION_TOKENS = 8
-ROOMY_CONVERSATION_TOKENS = 64
 # A reply is awaited this long past its own deadline before the engine is taken for stuck: the decode
 # loop stops a late reply itself at the next step boundary, so only a step that never ends gets here.
 STUCK_GRACE_SECONDS = 30.0
@@ -113,7 +100,7 @@ class Engine:
         self.precision = config.precision
         self.max_input_tokens = 0
         self._tokenizer: Any = None
-        self._chat_template = False  # a decoder-only model, prompted through its chat template
+        self._family: ModelFamily | None = None  # what the loaded kind of model does its own way
         self._model: Any = None
         self._generation_config: Any = None
         self._scheduler: Any = None  # a bot.engine.scheduler.Scheduler once loaded
@@ -188,18 +175,9 @@ class Engine:
 
         `system_prompt` replaces SYSTEM_PROMPT for this prompt (a chat model's; BlenderBot has none).
         """
-        tok = self._tokenizer
-        if self._chat_template:
-            from bot.engine.chat_prompt import build_chat_ids
-
-            system = self.config.system_prompt if system_prompt is None else system_prompt
-            return build_chat_ids(tok, history, system_prompt=system, budget=self.max_input_tokens)
-        return build_input_ids(
-            history,
-            lambda text: tok(text, add_special_tokens=False)["input_ids"],
-            tok.eos_token_id,
-            self.max_input_tokens,
-        )
+        if self._family is None:
+            raise EngineClosed("the model is not loaded")
+        return self._family.encode(history, system_prompt)
 
     def forget_cached_conversations(self) -> int:
         """Drop every conversation's kept keys/values (`/forget-me`: nothing derived from a user's words
@@ -238,23 +216,12 @@ class Engine:
     @property
     def uses_system_prompt(self) -> bool:
         """Whether the model reads a system prompt: a chat model does, BlenderBot does not."""
-        return self._chat_template
+        return self._family is not None and self._family.reads_system_prompt
 
     def check_system_prompt(self, text: str) -> str | None:
         """Why `text` cannot be a chat model's system prompt (it leaves the conversation under
         ROOMY_CONVERSATION_TOKENS of the prompt), with the numbers; None when it fits, and for BlenderBot."""
-        if not self._chat_template or self._tokenizer is None:
-            return None
-        from bot.engine.chat_prompt import render_chat_ids
-
-        bare = len(render_chat_ids(self._tokenizer, [Turn("user", "")], system_prompt=text))
-        room = self.max_input_tokens - bare
-        if room >= ROOMY_CONVERSATION_TOKENS:
-            return None
-        return (
-            f"with the chat template it takes {bare} of the {self.max_input_tokens} tokens a prompt may hold, "
-            f"leaving {max(room, 0)} for the conversation; at least {ROOMY_CONVERSATION_TOKENS} are needed"
-        )
+        return None if self._family is None else self._family.system_prompt_problem(text)
 
     # ----- personas: end -----
 
@@ -317,11 +284,13 @@ class Engine:
         """
         said = GrowingText()
         decoded = IncrementalText(self._tokenizer)
+        family = self._family
+        assert family is not None
 
         def report(tokens: list[int]) -> None:
             if future.done():
                 return  # the final answer (or an error) is already out
-            text = self._visible(decoded.update(tokens)).lstrip()
+            text = family.visible(decoded.update(tokens)).lstrip()
             # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
             if text.endswith("\ufffd") or not text.strip() or said.advance(text) is None:
                 return
@@ -367,12 +336,10 @@ class Engine:
         scheduler.run()  # never raises: a loop that cannot go on says so in `scheduler.failure`
 
     def _load(self) -> Any:
-        from bot.engine.causal import CausalRunner
         from bot.engine.decoding import DecodingPlan
         from bot.engine.device import limit_heap_fragmentation, prepare_model, resolve_device, resolve_precision
-        from bot.engine.prefix_cache import PrefixCache
-        from bot.engine.scheduler import Runner, Scheduler
-        from bot.engine.seq2seq import Seq2SeqRunner
+        from bot.engine.families import family_for
+        from bot.engine.scheduler import Scheduler
 
         started = time.monotonic()
         limit_heap_fragmentation()
@@ -384,44 +351,22 @@ class Engine:
         except ModelLoadError as exc:
             raise EngineError(str(exc)) from None
         model, self.precision = prepare_model(model, self.device, precision)
-        config, blocks = model.config, self.config.max_batch
         self._model = model
-        self._chat_template = not config.is_encoder_decoder
-        # BlenderBot's encoder and decoder have the same positions; a chat model's window holds both
-        # the prompt and the reply.
-        positions = int(config.max_position_embeddings) if config.is_encoder_decoder else self._context_tokens(config)
-        self._generation_config = gen = self._build_generation_config(model, positions)
+        family = family_for(self._tokenizer, model.config, self.config)
+        positions = family.context_positions()
+        self._generation_config = gen = family.generation_config(model, positions)
         plan = DecodingPlan.from_generation_config(gen, positions)
-        runner: Runner
-        if config.is_encoder_decoder:
-            self.max_input_tokens = positions
-            fp32_bytes = Seq2SeqRunner.cache_size(config, blocks, plan.num_beams, plan.max_length)
-            dtype = self._cache_dtype(fp32_bytes)
-            runner = Seq2SeqRunner(
-                model, max_blocks=blocks, beams=plan.num_beams, max_length=plan.max_length, cache_dtype=dtype
-            )
-        else:
-            self.max_input_tokens = positions - (plan.max_length - 1)
-            self._check_system_prompt(positions, plan.max_length - 1)
-            dtype = self._cache_dtype(CausalRunner.cache_size(config, blocks, positions))
-            slab_bytes = CausalRunner.cache_size(config, blocks, positions, dtype.itemsize)
-            cached_mb = self.config.prefix_cache_mb
-            cached_bytes = slab_bytes if cached_mb is None else cached_mb << 20
-            runner = CausalRunner(
-                model,
-                max_blocks=blocks,
-                max_length=positions,
-                cache_dtype=dtype,
-                prefix_cache=PrefixCache(cached_bytes) if cached_bytes > 0 else None,
-            )
-            self._warm_system_prefix(runner)
+        self.max_input_tokens = family.limits(plan)
+        runner = family.build_runner(model, plan, self._cache_dtype)
+        self._family = family
         scheduler = Scheduler(
             runner,
             plan,
             gen,
-            self._text,
+            family.text,
             max_queue=self.config.max_queue,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+            decoder_start=family.decoder_start,
         )
         log.info(
             "model ready in %.1fs: %s, %s-%s new tokens, prompts up to %d tokens, up to %d replies at once "
@@ -431,61 +376,11 @@ class Engine:
             max(plan.min_length - 1, 0),
             plan.max_length - 1,
             self.max_input_tokens,
-            blocks,
+            self.config.max_batch,
             runner.cache_bytes() / 1e6,
             getattr(getattr(runner, "prefix_cache", None), "max_bytes", 0) / 1e6,
         )
         return scheduler
-
-    def _warm_system_prefix(self, runner: Any) -> None:
-        """Read the prefix every prompt shares (system message, template) once, before any request."""
-        from bot.engine.chat_prompt import system_prefix_ids
-
-        try:
-            runner.warm(system_prefix_ids(self._tokenizer, self.config.system_prompt))
-        except Exception:  # only a slower first reply
-            log.warning("could not read the system prompt ahead of the first message", exc_info=True)
-
-    def _check_system_prompt(self, positions: int, reply_tokens: int) -> None:
-        """Refuse to start when SYSTEM_PROMPT leaves a chat model no room for the conversation.
-
-        Every message would otherwise fail; the one line says which settings to change.
-        """
-        from bot.engine.chat_prompt import render_chat_ids
-
-        bare = len(render_chat_ids(self._tokenizer, [Turn("user", "")], system_prompt=self.config.system_prompt))
-        room = self.max_input_tokens - bare
-        if room >= ROOMY_CONVERSATION_TOKENS:
-            return
-        what = "SYSTEM_PROMPT and the chat template take" if self.config.system_prompt else "the chat template takes"
-        said = (
-            f"{what} {bare} of the {self.max_input_tokens} tokens a prompt may hold ({positions} in the context, "
-            f"{reply_tokens} kept for the reply), leaving {max(room, 0)} for the conversation"
-        )
-        fix = (
-            f"Shorten SYSTEM_PROMPT, raise CONTEXT_TOKENS (the model allows up to "
-            f"{self._model.config.max_position_embeddings}), or lower MAX_NEW_TOKENS."
-        )
-        if room < MIN_CONVERSATION_TOKENS:
-            raise EngineSettingsError(f"{said}; at least {MIN_CONVERSATION_TOKENS} are needed. {fix}")
-        log.warning("%s: only the end of a long message will be read. %s", said, fix)
-
-    def _text(self, ids: list[int]) -> str:
-        """A finished reply's text, as posted and stored: a chat model's `<think>` blocks never are."""
-        text = self._tokenizer.decode(ids, skip_special_tokens=True)
-        if not self._chat_template:
-            return text.strip()
-        from bot.core.messages import strip_think
-
-        return strip_think(text)
-
-    def _visible(self, text: str) -> str:
-        """What may be shown of a reply still being written (nothing of an unfinished `<think>` block)."""
-        if not self._chat_template:
-            return text
-        from bot.core.messages import visible_so_far
-
-        return visible_so_far(text)
 
     def _cache_dtype(self, fp32_bytes: int) -> Any:
         import torch
@@ -495,54 +390,6 @@ class Engine:
             return dtype
         # int8: fp32 caches are faster on the CPU, bf16 ones half the size
         return torch.float32 if fp32_bytes <= FP32_CACHE_LIMIT_BYTES else torch.bfloat16
-
-    def _context_tokens(self, config: Any) -> int:
-        limit = int(config.max_position_embeddings)
-        wanted = self.config.context_tokens or min(limit, DEFAULT_CONTEXT_TOKENS)
-        if wanted > limit:
-            log.warning("CONTEXT_TOKENS capped at %d, the model's own limit", limit)
-        return min(wanted, limit)
-
-    def _build_generation_config(self, model: Any, positions: int) -> Any:
-        """The model's own generation_config with the settings' overrides, installed on the model.
-
-        An override of the reply length replaces the model's min/max_length instead of sitting
-        beside it (transformers warns on every call when both are set). `positions` caps the reply:
-        BlenderBot's decoder positions, or half a chat model's context window.
-        """
-        gen = model.generation_config
-        gen = gen.__class__.from_dict(gen.to_dict())
-        chat = not model.config.is_encoder_decoder
-        if self.config.num_beams is not None:
-            gen.num_beams = self.config.num_beams
-        if chat and (gen.num_beams or 1) > 1:
-            log.warning("chat models decode one row per reply (greedy or sampling); NUM_BEAMS is ignored")
-            gen.num_beams = 1
-        if self.config.min_new_tokens is not None:
-            gen.min_new_tokens, gen.min_length = self.config.min_new_tokens, None
-        if self.config.max_new_tokens is not None:
-            gen.max_new_tokens, gen.max_length = self.config.max_new_tokens, None
-        elif chat and gen.max_new_tokens is None:  # a chat model's max_length counts its prompt too
-            gen.max_new_tokens, gen.max_length = DEFAULT_REPLY_TOKENS, None
-        limit = positions // 2 if chat else positions - 1
-        if (gen.max_new_tokens or 0) > limit or (gen.max_length or 0) > limit + 1:
-            log.warning("reply length capped at %d tokens (%s)", limit, "half the context" if chat else "positions")
-            if gen.max_new_tokens is not None:
-                gen.max_new_tokens = min(gen.max_new_tokens, limit)
-            if gen.max_length is not None:
-                gen.max_length = min(gen.max_length, limit + 1)
-        longest = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length
-        if (gen.min_new_tokens or 0) > longest:
-            gen.min_new_tokens = longest
-        if gen.num_beams == 1:
-            gen.length_penalty = 1.0
-            gen.early_stopping = False
-        if gen.do_sample and not (chat and self.config.sampling):
-            if not chat:
-                log.warning("this engine decodes BlenderBot without sampling; do_sample in its config is ignored")
-            gen.do_sample = False
-        model.generation_config = gen
-        return gen
 
 
 def _settle_from_thread(

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 Deliver = Callable[[str | None, BaseException | None], None]
 Progress = Callable[[list[int]], None]
+# A prompt -> the tokens its search starts from, and the encoder's ids (None without an encoder):
+# the model family's `decoder_start` (bot/engine/families.py).
+DecoderStart = Callable[[list[int], DecodingPlan], tuple[list[int], list[int] | None]]
 
 
 @dataclass
@@ -74,13 +77,14 @@ _STOP = object()
 class Runner(Protocol):
     """A model stepped one token at a time over packed rows: `Seq2SeqRunner` or `CausalRunner`."""
 
-    encoder_decoder: bool
     max_blocks: int
     beams: int
     device: torch.device
 
     @property
     def rows(self) -> int: ...
+
+    def cache_bytes(self) -> int: ...
 
     def add_block(self, input_ids: list[int]) -> int: ...
 
@@ -109,8 +113,10 @@ class Scheduler:
         *,
         max_queue: int,
         prefill_chunk_tokens: int = 0,
+        decoder_start: DecoderStart,
     ) -> None:
         self.runner = runner
+        self.decoder_start = decoder_start
         # While replies are running, a new prompt is read in at most this many tokens per step
         # (0: at once when it joins); only runners that can (`begin_block`, the causal one) do.
         self.prefill_chunk_tokens = prefill_chunk_tokens if hasattr(runner, "begin_block") else 0
@@ -289,10 +295,7 @@ class Scheduler:
         self.counters.queue_waits.append(admitted - item.submitted)
 
     def _new_search(self, request: Request) -> Search:
-        if self.runner.encoder_decoder:  # the decoder starts from its start token, beside the prompt
-            prefix, encoder_ids = [self.plan.start_id], request.input_ids
-        else:  # the decoder continues the prompt
-            prefix, encoder_ids = request.input_ids, None
+        prefix, encoder_ids = self.decoder_start(request.input_ids, self.plan)
         processors = logits_processors(self.generation_config, self.plan, encoder_ids, len(prefix))
         generator = torch.Generator().manual_seed(self._seeds.randrange(2**63)) if self.plan.sample else None
         return new_search(self.plan, processors, prefix, generator)
