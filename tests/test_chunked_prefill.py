@@ -95,7 +95,7 @@ async def test_a_joining_request_past_its_deadline_fails_alone(tiny_chat_model_d
         def late(*args: Any) -> None:
             original(*args)
             if scheduler._joining is not None and not deadline_passed[0]:
-                scheduler._joining[0].deadline = 0.0  # the joining request runs out of time
+                scheduler._joining.deadline = 0.0  # the joining request runs out of time
                 deadline_passed[0] = True
 
         scheduler._read_joining = late

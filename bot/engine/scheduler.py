@@ -1,9 +1,11 @@
 """The decode loop: requests join and leave the running batch at every decoding step.
 
-One thread runs it. Between two steps it retires the requests that finished (their answers go out
-at once), admits waiting requests up to `max_batch` (each one's encoder pass runs then), and checks
-every request's own deadline. Each step then advances every row of every running request by one
-token (iteration-level scheduling, as in Orca and TGI).
+One thread runs it. Each request is one `Sequence`, from its submission to its answer: its prompt,
+its search, its block in the runner, its deadline and its status. Between two steps the scheduler
+retires the sequences that finished (their answers go out at once), admits waiting ones up to
+`max_batch` (each one's encoder pass or prefill runs then), and expires those past their own
+deadline or whose waiter has gone. Each step (`runner.step_batch`) then advances every row of every
+running sequence by one token (iteration-level scheduling, as in Orca and TGI).
 
 A fault never ends the loop quietly. One that concerns a single request (its prompt, its search)
 fails that request alone; one in the batch's shared state (a step, moving rows, removing a block)
@@ -14,20 +16,24 @@ says why, and new requests are refused at once.
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import torch
 
 from bot.engine.decoding import DecodingPlan, Search, logits_processors, new_search
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
+from bot.engine.runner import ChunkedRunner, Runner, can_chunk, move_rows, step_batch
+
+__all__ = ["LoopCounters", "Request", "Runner", "Scheduler", "Sequence", "Status"]
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +44,19 @@ Progress = Callable[[list[int]], None]
 DecoderStart = Callable[[list[int], DecodingPlan], tuple[list[int], list[int] | None]]
 
 
-@dataclass
-class Request:
-    """One prompt waiting for its reply. `deliver` is called once, from the engine thread."""
+class Status(enum.Enum):
+    WAITING = "waiting"  # in the queue
+    JOINING = "joining"  # its prompt is being read in, a chunk per step
+    RUNNING = "running"  # decoding, in block `slot` of the runner
+    FINISHED = "finished"  # answered (a reply or an error), or dropped once its waiter had gone
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request, from its submission to its answer. `deliver` is called once, from the engine thread.
+
+    The caller fills the first fields; the scheduler the rest as the sequence moves through it.
+    """
 
     input_ids: list[int]
     deliver: Deliver
@@ -51,12 +67,22 @@ class Request:
     # Only searches that commit to their tokens as they go (greedy) report progress.
     progress: Progress | None = None
     answered: bool = False  # `deliver` has been called: it never is twice
+    status: Status = Status.WAITING
+    admitted: float | None = None  # when it left the queue
+    search: Search | None = None  # its token choices, once its prompt is read in
+    slot: int | None = None  # its block in the runner while running (blocks stay packed: it can move)
+    # Prompt positions copied from the runner's prefix cache rather than read (known when it joins in
+    # chunks: `begin_block` says how many are left; `add_block` does not say).
+    cached: int | None = None
+
+    @property
+    def running_search(self) -> Search:
+        assert self.search is not None, "a running sequence has its search"
+        return self.search
 
 
-@dataclass
-class _Running:
-    request: Request
-    search: Search
+# The name callers submit by (`Engine.generate`, the benchmarks).
+Request = Sequence
 
 
 @dataclass
@@ -72,33 +98,6 @@ class LoopCounters:
 
 
 _STOP = object()
-
-
-class Runner(Protocol):
-    """A model stepped one token at a time over packed rows: `Seq2SeqRunner` or `CausalRunner`."""
-
-    max_blocks: int
-    beams: int
-    device: torch.device
-
-    @property
-    def rows(self) -> int: ...
-
-    def cache_bytes(self) -> int: ...
-
-    def add_block(self, input_ids: list[int]) -> int: ...
-
-    def remove_block(self, block: int) -> None: ...
-
-    def retain(self, block: int, tokens: list[int], prompt_length: int) -> bool:
-        """Keep a finished block's keys/values of `tokens` for later prompts; False if not kept."""
-
-    def reorder_rows(self, order: torch.Tensor, filled: int) -> None: ...
-
-    def reset(self) -> None:
-        """Drop every block at once (after a fault left the batch in an unknown state)."""
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
 
 class Scheduler:
@@ -119,8 +118,8 @@ class Scheduler:
         self.decoder_start = decoder_start
         # While replies are running, a new prompt is read in at most this many tokens per step
         # (0: at once when it joins); only runners that can (`begin_block`, the causal one) do.
-        self.prefill_chunk_tokens = prefill_chunk_tokens if hasattr(runner, "begin_block") else 0
-        self._joining: tuple[Request, float] | None = None  # the request being read in, and when it was
+        self.prefill_chunk_tokens = prefill_chunk_tokens if can_chunk(runner) else 0
+        self._joining: Sequence | None = None  # the sequence whose prompt is being read in
         self.plan = plan
         self.generation_config = generation_config
         self.decode = decode
@@ -128,7 +127,7 @@ class Scheduler:
         self.counters = LoopCounters()
         self.closing = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._running: list[_Running] = []
+        self._running: list[Sequence] = []  # in block order: `_running[i].slot == i`
         self._seeds = random.Random()  # each sampled reply draws from a generator of its own
         self.failure: str | None = None  # why the loop stopped for good; None while it runs
         self.beat = time.monotonic()  # when the loop last went round (a stuck step shows here)
@@ -138,7 +137,7 @@ class Scheduler:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Sequence) -> None:
         with self._gate:
             if self.failure is not None:
                 raise EngineError(self.failure)
@@ -182,7 +181,7 @@ class Scheduler:
         self._expire()
 
     def _recover(self, exc: Exception) -> None:
-        """A fault in the batch's shared state: its requests fail, the runner starts empty."""
+        """A fault in the batch's shared state: its sequences fail, the runner starts empty."""
         log.error(
             "the decode loop failed; %d replies in the batch are told, the loop goes on",
             len(self._running),
@@ -191,35 +190,37 @@ class Scheduler:
         error = EngineError(f"generation failed: {exc}")
         running, self._running = self._running, []
         self.counters.running = 0
-        for entry in running:
-            self._finish(entry.request, None, error)
+        for seq in running:
+            self._finish(seq, None, error)
         if self._joining is not None:
-            self._finish(self._joining[0], None, error)
+            self._finish(self._joining, None, error)
             self._joining = None
         self.runner.reset()  # if this fails too, the loop cannot go on (see `run`)
 
     def _die(self, exc: BaseException) -> None:
-        """The loop cannot go on: refuse new requests, fail every request it holds, say why once."""
+        """The loop cannot go on: refuse new requests, fail every sequence it holds, say why once."""
         reason = f"the model stopped working ({type(exc).__name__}: {exc}); restart the bot"
         log.critical("the decode loop stopped: %s", reason, exc_info=exc)
         with self._gate:
             self.failure = reason
             self.closing.set()
         error = EngineError(reason)
-        for entry in self._running:
-            self._finish(entry.request, None, error)
+        for seq in self._running:
+            self._finish(seq, None, error)
         self._running = []
         if self._joining is not None:
-            self._finish(self._joining[0], None, error)
+            self._finish(self._joining, None, error)
             self._joining = None
         self.counters.running = 0
         self._fail_waiting(error)
 
+    # ----- admitting ----------------------------------------------------------------------------
+
     def _admit(self, *, block: bool) -> bool:
-        """Move waiting requests into the batch while there is room; False if the loop must stop.
+        """Move waiting sequences into the batch while there is room; False if the loop must stop.
 
         With `prefill_chunk_tokens` and replies running, prompts are read in at most that many
-        tokens per step, all joining requests together: one that does not fit in what is left
+        tokens per step, all joining sequences together: one that does not fit in what is left
         stays joining (`_read_joining`) and is read on over the next steps, before any other.
         """
         budget = self.prefill_chunk_tokens if self._running else 0
@@ -233,31 +234,36 @@ class Scheduler:
             block = False
             if item is _STOP:
                 return False
-            if item.abandoned():
+            seq = cast(Sequence, item)
+            if seq.abandoned():
+                seq.status = Status.FINISHED
                 continue
             now = time.monotonic()
-            if now >= item.deadline:
-                self._finish(item, None, GenerationTimeout("waited past the deadline"))
+            if now >= seq.deadline:
+                self._finish(seq, None, GenerationTimeout("waited past the deadline"))
                 continue
+            seq.admitted = now
             try:
                 if self.prefill_chunk_tokens and self._running:
-                    cast(Any, self.runner).begin_block(item.input_ids)
-                    self._joining = (item, now)
+                    left = cast(ChunkedRunner, self.runner).begin_block(seq.input_ids)
+                    seq.cached = len(seq.input_ids) - 1 - left
+                    seq.status = Status.JOINING
+                    self._joining = seq
                     budget = self._read_joining(budget)
                     continue
-                slot = self.runner.add_block(item.input_ids)
+                slot = self.runner.add_block(seq.input_ids)
             except Exception as exc:
                 log.exception("could not start a reply")
-                self._finish(item, None, EngineError(f"generation failed: {exc}"))
+                self._finish(seq, None, EngineError(f"generation failed: {exc}"))
                 continue
-            self._start(item, slot, now)
+            self._start(seq, slot)
         return True
 
     def _read_joining(self, budget: int) -> int:
-        """Read up to `budget` more tokens of the joining request's prompt (all the rest when nothing
+        """Read up to `budget` more tokens of the joining sequence's prompt (all the rest when nothing
         else runs); start it once read. Returns what is left of the budget."""
         assert self._joining is not None
-        item, admitted = self._joining
+        seq = self._joining
         runner = cast(Any, self.runner)
         left = runner.joining.target - runner.joining.filled
         take = left if not self._running else min(left, budget)
@@ -268,47 +274,47 @@ class Scheduler:
             log.exception("could not read a prompt in")
             runner.cancel_joining()
             self._joining = None
-            self._finish(item, None, EngineError(f"generation failed: {exc}"))
+            self._finish(seq, None, EngineError(f"generation failed: {exc}"))
             return budget - take
         if not left:
             self._joining = None
-            self._start(item, self.runner.rows - 1, admitted)
+            self._start(seq, self.runner.rows // self.runner.beams - 1)
         return budget - take
 
     def _drop_joining(self, error: BaseException) -> None:
         if self._joining is not None:
-            cast(Any, self.runner).cancel_joining()
-            self._finish(self._joining[0], None, error)
+            cast(ChunkedRunner, self.runner).cancel_joining()
+            self._finish(self._joining, None, error)
             self._joining = None
 
-    def _start(self, item: Request, slot: int, admitted: float) -> None:
-        """A request whose prompt is read in starts decoding (or fails alone, if its search cannot start)."""
+    def _start(self, seq: Sequence, slot: int) -> None:
+        """A sequence whose prompt is read in starts decoding (or fails alone, if its search cannot start)."""
         try:
-            search = self._new_search(item)
+            seq.search = self._new_search(seq)
         except Exception as exc:
             log.exception("could not start a reply's search")
             self.runner.remove_block(slot)
-            self._finish(item, None, EngineError(f"generation failed: {exc}"))
+            self._finish(seq, None, EngineError(f"generation failed: {exc}"))
             return
-        self._running.append(_Running(item, search))
+        seq.slot, seq.status = slot, Status.RUNNING
+        self._running.append(seq)
         self.counters.running = len(self._running)
-        self.counters.queue_waits.append(admitted - item.submitted)
+        assert seq.admitted is not None
+        self.counters.queue_waits.append(seq.admitted - seq.submitted)
 
-    def _new_search(self, request: Request) -> Search:
-        prefix, encoder_ids = self.decoder_start(request.input_ids, self.plan)
+    def _new_search(self, seq: Sequence) -> Search:
+        prefix, encoder_ids = self.decoder_start(seq.input_ids, self.plan)
         processors = logits_processors(self.generation_config, self.plan, encoder_ids, len(prefix))
         generator = torch.Generator().manual_seed(self._seeds.randrange(2**63)) if self.plan.sample else None
         return new_search(self.plan, processors, prefix, generator)
+
+    # ----- stepping -----------------------------------------------------------------------------
 
     def _step(self) -> None:
         started = time.monotonic()
         running = self._running
         try:
-            tokens = [t for r in running for t in r.search.next_tokens()]
-            positions = [r.search.length - 1 for r in running for _ in range(r.search.rows)]
-            logits = self.runner.step(
-                torch.tensor(tokens, device=self.runner.device), torch.tensor(positions, device=self.runner.device)
-            ).cpu()
+            logits = step_batch(self.runner, (seq.running_search for seq in running))
         except Exception as exc:
             log.exception("a decoding step failed for %d requests", len(running))
             self._fail_running(EngineError(f"generation failed: {exc}"))
@@ -317,78 +323,86 @@ class Scheduler:
         order = list(range(self.runner.rows))
         moved = False
         done: list[int] = []
-        outcomes: list[tuple[Request, str | None, BaseException | None]] = []
-        for i, entry in enumerate(running):
+        outcomes: list[tuple[Sequence, str | None, BaseException | None]] = []
+        for i, seq in enumerate(running):
+            search = seq.running_search
             try:
-                rows, finished = entry.search.advance(logits[i * beams : (i + 1) * beams])
+                rows, finished = search.advance(logits[i * beams : (i + 1) * beams])
                 if finished:
-                    tokens_out = entry.search.result()
+                    tokens_out = search.result()
                     self.counters.tokens += len(tokens_out)
-                    self._retain(i, entry, tokens_out)
-                    outcomes.append((entry.request, self.decode(tokens_out).strip(), None))
+                    self._retain(i, seq, tokens_out)
+                    outcomes.append((seq, self.decode(tokens_out).strip(), None))
                     done.append(i)
             except Exception as exc:
                 log.exception("choosing the next token failed")
-                outcomes.append((entry.request, None, EngineError(f"generation failed: {exc}")))
+                outcomes.append((seq, None, EngineError(f"generation failed: {exc}")))
                 done.append(i)
                 continue
             if rows is not None:
                 order[i * beams : (i + 1) * beams] = [i * beams + r for r in rows]
                 moved = True
-            if entry.request.progress is not None and entry.search.streams and i not in done:
-                entry.request.progress(entry.search.result())
+            if seq.progress is not None and search.streams and i not in done:
+                seq.progress(search.result())
         try:
             if moved:
-                filled = max(r.search.length for r in running)
-                self.runner.reorder_rows(torch.tensor(order, device=self.runner.device), filled)
+                move_rows(self.runner, order, max(seq.running_search.length for seq in running))
             self._retire(done)
         finally:  # finished answers go out even if the batch failed after them (`run` recovers it)
             self.counters.step_seconds += time.monotonic() - started
-            for request, text, error in outcomes:  # answers go out as soon as the step is over
-                self._finish(request, text, error)
+            for seq, text, error in outcomes:  # answers go out as soon as the step is over
+                self._finish(seq, text, error)
 
-    def _retain(self, block: int, entry: _Running, reply: list[int]) -> None:
+    def _retain(self, block: int, seq: Sequence, reply: list[int]) -> None:
         """Offer a finished row to the runner's prefix cache: its prompt and reply, less the last token
         (whose keys no step computed). Never fails the reply: a row not kept is only a slower next turn."""
-        prompt = entry.request.input_ids
+        prompt = seq.input_ids
         try:
-            self.runner.retain(block, (prompt + reply)[: entry.search.length - 1], len(prompt))
+            self.runner.retain(block, (prompt + reply)[: seq.running_search.length - 1], len(prompt))
         except Exception:
             log.exception("could not keep a finished conversation's keys and values")
 
+    # ----- expiring and retiring ------------------------------------------------------------------
+
     def _expire(self) -> None:
-        """Stop requests past their own deadline, or whose waiter has gone; the others keep running."""
+        """Stop sequences past their own deadline, or whose waiter has gone; the others keep running."""
         now = time.monotonic()
         if self._joining is not None:
-            joining = self._joining[0]
+            joining = self._joining
             if joining.abandoned():
-                cast(Any, self.runner).cancel_joining()
+                cast(ChunkedRunner, self.runner).cancel_joining()
+                joining.status = Status.FINISHED
                 self._joining = None
             elif now >= joining.deadline:
                 self._drop_joining(GenerationTimeout(f"stopped after {now - joining.submitted:.1f}s"))
         late: list[int] = []
-        for i, entry in enumerate(self._running):
-            if entry.request.abandoned():
+        for i, seq in enumerate(self._running):
+            if seq.abandoned():
                 late.append(i)
-            elif now >= entry.request.deadline:
-                waited = now - entry.request.submitted
+            elif now >= seq.deadline:
+                waited = now - seq.submitted
                 log.warning("a reply was stopped after %.1fs (GENERATION_TIMEOUT_SECONDS)", waited)
-                self._finish(entry.request, None, GenerationTimeout(f"stopped after {waited:.1f}s"))
+                self._finish(seq, None, GenerationTimeout(f"stopped after {waited:.1f}s"))
                 late.append(i)
         self._retire(late)
 
-    def _retire(self, indexes: Sequence[int]) -> None:
-        """Remove these requests from the batch. Highest first: the runner moves its last block into
-        each hole, and that block is never one still to be removed."""
+    def _retire(self, indexes: Iterable[int]) -> None:
+        """Remove these sequences from the batch. Highest first: the runner moves its last block into
+        each hole, and that block is never one still to be removed; the sequence moves with it."""
         for i in sorted(indexes, reverse=True):
             self.runner.remove_block(i)
-            self._running[i] = self._running[-1]
-            self._running.pop()
+            gone = self._running[i]
+            gone.slot = None
+            gone.status = Status.FINISHED
+            last = self._running.pop()
+            if last is not gone:
+                last.slot = i
+                self._running[i] = last
         self.counters.running = len(self._running)
 
     def _fail_running(self, error: EngineError) -> None:
-        for entry in self._running:
-            self._finish(entry.request, None, error)
+        for seq in self._running:
+            self._finish(seq, None, error)
         self._retire(range(len(self._running)))
 
     def _fail_waiting(self, error: EngineError) -> None:
@@ -400,11 +414,12 @@ class Scheduler:
             if item is not _STOP:
                 self._finish(item, None, error)
 
-    def _finish(self, request: Request, text: str | None, error: BaseException | None) -> None:
-        if request.answered:
+    def _finish(self, seq: Sequence, text: str | None, error: BaseException | None) -> None:
+        seq.status = Status.FINISHED
+        if seq.answered:
             return
-        request.answered = True
+        seq.answered = True
         if error is None:
             self.counters.replies += 1
-            self.counters.latencies.append(time.monotonic() - request.submitted)
-        request.deliver(text, error)
+            self.counters.latencies.append(time.monotonic() - seq.submitted)
+        seq.deliver(text, error)
