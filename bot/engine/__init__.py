@@ -62,7 +62,7 @@ class EngineConfig:
     generation_timeout_seconds: float = 60.0
     # Chat-template (decoder-only) models only:
     system_prompt: str = ""
-    context_tokens: int | None = None  # None: the model's own limit, capped at DEFAULT_CONTEXT_TOKENS
+    context_tokens: int | None = None  # None: the model's own limit, capped at families.DEFAULT_CONTEXT_TOKENS
     sampling: bool = True  # False: always greedy, whatever the model's generation_config says
     # Keys/values of finished conversations kept for their next prompt (bot/engine/prefix_cache.py), in
     # MB: None, as much as the attention slabs take (max_batch full context windows); 0, none.
@@ -220,7 +220,7 @@ class Engine:
 
     def check_system_prompt(self, text: str) -> str | None:
         """Why `text` cannot be a chat model's system prompt (it leaves the conversation under
-        ROOMY_CONVERSATION_TOKENS of the prompt), with the numbers; None when it fits, and for BlenderBot."""
+        families.ROOMY_CONVERSATION_TOKENS of the prompt), with the numbers; None when it fits, and for BlenderBot."""
         return None if self._family is None else self._family.system_prompt_problem(text)
 
     # ----- personas: end -----
