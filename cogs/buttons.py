@@ -98,7 +98,14 @@ class Buttons(commands.Cog):
         ):
             await self.expired(interaction)
             return
-        await interaction.response.defer()  # the message is edited as the new answer is written
+        # Marked as being written before the first await, so a second press (a double click) is told
+        # to wait instead of starting a second regeneration of the same reply.
+        board.regenerating(record)
+        try:
+            await interaction.response.defer()  # the message is edited as the new answer is written
+        except BaseException:
+            board.finished(record, record.text, record.message)  # nothing was started: the reply stays
+            raise
         await self.regenerate(interaction, record)
 
     async def expired(self, interaction: discord.Interaction) -> None:
@@ -107,12 +114,12 @@ class Buttons(commands.Cog):
         await interaction.followup.send(EXPIRED_TEXT, ephemeral=True, allowed_mentions=QUIET)
 
     async def regenerate(self, interaction: discord.Interaction, record: ReplyRecord) -> None:
-        """A new answer to the same question replaces the reply in its message and in the history."""
+        """A new answer to the same question replaces the reply in its message and in the history
+        (`record` is already marked as being written: `ReplyBoard.regenerating`)."""
         chat, board = self.chat_cog, self.chat_cog.replies
         old_message, old_text = record.message, record.text
         assert old_message is not None and old_text is not None
         channel_id = record.conversation.channel_id
-        board.regenerating(record)
         previous, posted = chat.take_place(channel_id)
         stream = StreamingReply(old_message, after=previous, buttons=chat.buttons_for(record), reuse=old_message)
 

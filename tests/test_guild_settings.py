@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -42,5 +43,37 @@ async def test_a_copy_is_kept_and_dropped_on_change(tmp_path: Path) -> None:
         theirs.ttl = 0
         theirs._cache.clear()
         assert (await theirs.get(1)).persona == "pirate"
+    finally:
+        await store.close()
+
+
+async def test_callers_resume_in_the_order_they_asked(tmp_path: Path) -> None:
+    """A message that arrives just as the shared read finishes (its copy is fresh by then) must still
+    wait for the messages that asked before it, or its answer would start first."""
+    store = await open_store(tmp_path / "h.sqlite3", max_turns=4)
+    settings = GuildSettings(store)
+    gate = asyncio.Event()
+    order: list[str] = []
+    late: list[asyncio.Task[None]] = []
+    read = store.guild_settings
+
+    async def ask(name: str) -> None:
+        await settings.get(1)
+        order.append(name)
+
+    async def slow_read(guild_id: int) -> list[tuple[str, int, str]]:
+        await gate.wait()
+        rows = await read(guild_id)
+        late.append(asyncio.create_task(ask("late")))  # scheduled before the waiting callers resume
+        return rows
+
+    store.guild_settings = slow_read  # type: ignore[method-assign]
+    try:
+        first = [asyncio.create_task(ask(name)) for name in ("a", "b", "c")]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*first)
+        await asyncio.gather(*late)
+        assert order == ["a", "b", "c", "late"]
     finally:
         await store.close()

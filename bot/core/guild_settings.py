@@ -129,28 +129,42 @@ class GuildSettings:
         self.store = store
         self.ttl = ttl
         self._cache: dict[int, tuple[float, GuildConfig]] = {}
-        self._reading: dict[int, asyncio.Future[GuildConfig]] = {}
+        # Callers waiting for a server's settings, and the lock they queue on (FIFO): while anyone waits,
+        # a later caller queues too, even if the copy is fresh again, so nobody overtakes a message
+        # that came before it.
+        self._queued: dict[int, int] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
         self._changes = 0  # counts this process's changes: a read begun before one does not fill the cache
+
+    def _fresh(self, guild_id: int) -> GuildConfig | None:
+        cached = self._cache.get(guild_id)
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
 
     async def get(self, guild_id: int) -> GuildConfig:
         """The server's settings. If the database cannot be read, the last copy read stays in force
         (the defaults when there is none): a database outage does not stop the bot answering.
 
-        A fresh copy is returned without suspending, and callers that find it stale share one read and
-        resume in the order they asked, so messages keep their order in the channel."""
-        cached = self._cache.get(guild_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        reading = self._reading.get(guild_id)
-        if reading is None:
-            reading = asyncio.ensure_future(self._read(guild_id, cached[1] if cached else None))
-            self._reading[guild_id] = reading
-            reading.add_done_callback(lambda done: self._done_reading(guild_id, done))
-        return await asyncio.shield(reading)
-
-    def _done_reading(self, guild_id: int, done: asyncio.Future[GuildConfig]) -> None:
-        if self._reading.get(guild_id) is done:
-            del self._reading[guild_id]
+        A fresh copy is returned without suspending while nobody waits; callers that find it stale
+        queue, one reads, and they resume in the order they asked, so messages keep their order."""
+        fresh = self._fresh(guild_id)
+        if fresh is not None and not self._queued.get(guild_id):
+            return fresh
+        self._queued[guild_id] = self._queued.get(guild_id, 0) + 1
+        lock = self._locks.setdefault(guild_id, asyncio.Lock())
+        try:
+            async with lock:
+                fresh = self._fresh(guild_id)
+                if fresh is not None:
+                    return fresh
+                cached = self._cache.get(guild_id)
+                return await self._read(guild_id, cached[1] if cached else None)
+        finally:
+            left = self._queued[guild_id] - 1
+            if left:
+                self._queued[guild_id] = left
+            else:
+                del self._queued[guild_id]
+                del self._locks[guild_id]
 
     async def _read(self, guild_id: int, last: GuildConfig | None) -> GuildConfig:
         changes = self._changes
@@ -172,8 +186,7 @@ class GuildSettings:
 
     def _forget_copy(self, guild_id: int) -> None:
         self._changes += 1
-        self._cache.pop(guild_id, None)
-        self._reading.pop(guild_id, None)  # a read begun before the change may not see it
+        self._cache.pop(guild_id, None)  # and a read begun before the change does not fill it again
 
     async def forget(self, guild_id: int) -> int:
         """Delete every setting of a server (the bot left it). Raises `HistoryError`."""
