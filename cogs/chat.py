@@ -224,6 +224,8 @@ class Chat(commands.Cog):
         pace = config.pace(message.channel.id, parent_id)
         if pace is None or self.between_people(message):
             return False
+        if not self.text_for_model(message) and not any(self._may_read(a) for a in message.attachments):
+            return False  # nothing to answer (an image, a sticker): it must not use up the channel's pace
         now = time.monotonic()
         last = self._listened_at.get(message.channel.id)
         if last is not None and now - last < pace:

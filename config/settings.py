@@ -73,11 +73,11 @@ class Settings:
     # Prometheus metrics and readiness over HTTP; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
-    # A remote engine (bot/remote.py): an OpenAI-compatible server instead of a model in this process.
+    # A remote engine (bot/remote/): an OpenAI-compatible server instead of a model in this process.
     engine_url: str | None = None  # e.g. http://127.0.0.1:8000 (without /v1)
     engine_model: str | None = None  # None: the first model the server lists
     engine_api_key: str | None = None
-    # The Ray Serve app (bot/serve.py).
+    # The Ray Serve app (bot/serve/).
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     serve_replicas: int = 1

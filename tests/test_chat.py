@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from bot.core.chat import ChatService
-from bot.core.outcomes import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, TIMEOUT_TEXT
+from bot.core.outcomes import BUSY_TEXT, CLOSING_TEXT, EMPTY_REPLY_TEXT, ERROR_TEXT, STOPPED_TEXT, TIMEOUT_TEXT
 from bot.core.types import Conversation, Reply, Turn
 from bot.engine import EngineBusy, EngineClosed, GenerationTimeout
 from tests.scripted_engine import ScriptedEngine
@@ -153,3 +153,14 @@ async def test_speaker_reaches_the_engine_and_is_stored(chat: ChatService, scrip
     assert (await chat.history.get(A))[-2:] == [Turn("user", "and me", "Bob"), Turn("bot", "re: and me")]
     await chat.respond(Conversation(9), 7, "in a DM")  # no speaker: none stored
     assert (await chat.history.get(Conversation(9)))[0] == Turn("user", "in a DM", None)
+
+
+async def test_stopped_before_the_first_word_says_so(chat: ChatService, scripted_engine: ScriptedEngine) -> None:
+    scripted_engine.gate = asyncio.Event()  # the engine has not written a word yet
+    stop = asyncio.Event()
+    replying = asyncio.create_task(chat.respond(A, 7, "a long question", stop=stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    reply = await asyncio.wait_for(replying, 5)
+    assert reply == Reply(STOPPED_TEXT, ok=False) and reply.kind == "stopped"
+    assert await chat.history.get(A) == []

@@ -37,7 +37,7 @@ def replies(metrics: Metrics, kind: str) -> float:
 
 async def test_every_kind_is_exported_from_the_start() -> None:
     metrics = Metrics()
-    assert [replies(metrics, kind) for kind in REPLY_KINDS] == [0.0] * 6
+    assert [replies(metrics, kind) for kind in REPLY_KINDS] == [0.0] * 7
     assert samples(metrics)[("chatbot_reply_latency_seconds_count", ())] == 0
     assert samples(metrics)[("chatbot_history_store_errors_total", ())] == 0
 
@@ -54,7 +54,7 @@ async def test_replies_are_counted_by_kind_and_answers_timed(
     scripted_engine.fail, scripted_engine.answer = None, "   "
     await chat.respond(A, 7, "hi")
     counted = {kind: replies(metrics, kind) for kind in REPLY_KINDS}
-    assert counted == {"ok": 2, "busy": 1, "timeout": 1, "closing": 1, "error": 1, "empty": 1}
+    assert counted == {"ok": 2, "busy": 1, "timeout": 1, "closing": 1, "error": 1, "empty": 1, "stopped": 0}
     scrape = samples(metrics)
     assert scrape[("chatbot_reply_latency_seconds_count", ())] == 2  # answers only, not notices
     assert 0 < scrape[("chatbot_reply_latency_seconds_sum", ())] < 5

@@ -23,7 +23,7 @@ from bot.core.partial import GrowingText
 
 def test_every_kind_is_one_row() -> None:
     assert len(set(REPLY_KINDS)) == len(OUTCOMES)
-    assert set(REPLY_KINDS) == {"ok", "busy", "timeout", "error", "closing", "empty"}
+    assert set(REPLY_KINDS) == {"ok", "busy", "timeout", "error", "closing", "empty", "stopped"}
     assert all(o.notice for o in OUTCOMES if o is not ANSWERED)
 
 

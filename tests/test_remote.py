@@ -1,4 +1,4 @@
-"""The remote engine (bot/remote.py) against a fake OpenAI-compatible server: requests, streaming, faults."""
+"""The remote engine (bot/remote/) against a fake OpenAI-compatible server: requests, streaming, faults."""
 
 from __future__ import annotations
 

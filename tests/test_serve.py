@@ -1,4 +1,4 @@
-"""The Ray Serve app (bot/serve.py) through the OpenAI client, and the remote engine against it.
+"""The Ray Serve app (bot/serve/) through the OpenAI client, and the remote engine against it.
 
 One server for the whole session (tests/serve_app.py): the tiny chat model, greedy, fp32, so a
 reply through the server equals the in-process engine's reply to the same conversation.

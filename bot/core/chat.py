@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from bot.core.engine_api import EngineError, EngineStats, ReplyEngine
 from bot.core.guild_settings import PERSONA_MAX_CHARS, GuildConfig, GuildSettings, render_persona
-from bot.core.outcomes import BUSY, EMPTY, FAILED, Outcome, outcome_of
+from bot.core.outcomes import BUSY, EMPTY, FAILED, STOPPED, Outcome, outcome_of
 from bot.core.types import Conversation, Reply, Turn
 from bot.history import HistoryError, HistoryStore
 from bot.metrics import Metrics
@@ -182,7 +182,7 @@ class ChatService:
             log.exception("the engine failed to answer in channel %s", conversation.channel_id)
             return "", notice(FAILED)
         if not answer.strip():
-            return "", notice(EMPTY)
+            return "", notice(STOPPED if stop is not None and stop.is_set() else EMPTY)
         return answer, None
 
     async def _ask_engine(

@@ -18,6 +18,7 @@ TIMEOUT_TEXT = "Sorry, that took me too long to think about. Could you try again
 ERROR_TEXT = "Sorry, something went wrong on my side and I couldn't answer. Please try again."
 CLOSING_TEXT = "I'm restarting right now, so I can't answer this one. Please ask again in a minute."
 EMPTY_REPLY_TEXT = "I'm not sure what to say to that. Could you tell me more?"
+STOPPED_TEXT = "Stopped before I had written anything."
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Outcome:
 
 ANSWERED = Outcome("ok", None, None, 200, "", "")
 EMPTY = Outcome("empty", None, EMPTY_REPLY_TEXT, 200, "", "")
+STOPPED = Outcome("stopped", None, STOPPED_TEXT, 200, "", "")  # the Stop button, before the first word
 BUSY = Outcome(
     "busy",
     EngineBusy,
@@ -67,7 +69,7 @@ CLOSING = Outcome("closing", EngineClosed, CLOSING_TEXT, 503, "engine_closed", "
 FAILED = Outcome("error", EngineError, ERROR_TEXT, 500, "engine_error", "the engine failed: {error}")
 
 # Most specific first: every engine exception is an EngineError, so FAILED comes last among them.
-OUTCOMES: tuple[Outcome, ...] = (ANSWERED, EMPTY, BUSY, TIMEOUT, CLOSING, FAILED)
+OUTCOMES: tuple[Outcome, ...] = (ANSWERED, EMPTY, STOPPED, BUSY, TIMEOUT, CLOSING, FAILED)
 REPLY_KINDS: tuple[ReplyKind, ...] = tuple(outcome.kind for outcome in OUTCOMES)
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 Role = Literal["user", "bot"]
 # What a reply is: the model's answer ("ok"), or which notice was given instead.
-ReplyKind = Literal["ok", "busy", "timeout", "error", "closing", "empty"]
+ReplyKind = Literal["ok", "busy", "timeout", "error", "closing", "empty", "stopped"]
 
 
 @dataclass(frozen=True)
