@@ -109,9 +109,9 @@ class RecordingEngine:
         self.engine = engine
         self.seen: list[list[Turn]] = []
 
-    async def reply(self, history: list[Turn], on_partial: Any = None) -> str:
+    async def reply(self, history: list[Turn], on_partial: Any = None, **options: Any) -> str:
         self.seen.append(list(history))
-        return await self.engine.reply(history, on_partial)
+        return await self.engine.reply(history, on_partial, **options)
 
     @property
     def can_stream(self) -> bool:

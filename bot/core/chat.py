@@ -194,7 +194,7 @@ class ChatService:
     ) -> str:
         """`engine.reply`; with `stop`, the text written so far once it is set (the request cancelled)."""
         if stop is None:
-            return await self._engine_reply(turns, on_partial, system_prompt)
+            return await self.engine.reply(turns, on_partial, system_prompt=system_prompt)
         written = ""
 
         def partial(text: str) -> None:
@@ -203,7 +203,7 @@ class ChatService:
             if on_partial is not None:
                 on_partial(text)
 
-        task = asyncio.ensure_future(self._engine_reply(turns, partial, system_prompt))
+        task = asyncio.ensure_future(self.engine.reply(turns, partial, system_prompt=system_prompt))
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,13 +219,6 @@ class ChatService:
             return task.result()  # finished (or failed) before the stop took
         log.info("a reply was stopped after %d characters", len(written))
         return written
-
-    async def _engine_reply(
-        self, turns: list[Turn], on_partial: Callable[[str], None] | None, system_prompt: str | None
-    ) -> str:
-        if system_prompt is None:  # engines that know no personas keep working
-            return await self.engine.reply(turns, on_partial)
-        return await self.engine.reply(turns, on_partial, system_prompt=system_prompt)
 
     async def regenerate(
         self,

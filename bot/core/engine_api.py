@@ -82,8 +82,7 @@ class ReplyEngine(Protocol):
         system_prompt: str | None = None,
     ) -> str:
         """The bot's next turn. `system_prompt` (a server's or channel's persona) replaces SYSTEM_PROMPT
-        for this reply; BlenderBot has no system prompt and ignores it. The chat service passes it
-        only when there is one."""
+        for this reply (None: SYSTEM_PROMPT); BlenderBot has no system prompt and ignores it."""
         ...
 
     def check_system_prompt(self, text: str) -> str | None:

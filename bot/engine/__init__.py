@@ -291,8 +291,8 @@ class Engine:
             if future.done():
                 return  # the final answer (or an error) is already out
             text = family.visible(decoded.update(tokens)).lstrip()
-            # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
-            if text.endswith("\ufffd") or not text.strip() or said.advance(text) is None:
+            # (IncrementalText holds back a character still split across tokens.)
+            if not text.strip() or said.advance(text) is None:
                 return
             on_partial(text.rstrip())
 

@@ -71,8 +71,6 @@ class _Joining:
 class CausalRunner:
     """Owns the per-row key/value slabs of one decoder-only model."""
 
-    encoder_decoder = False
-
     def __init__(
         self,
         model: Any,

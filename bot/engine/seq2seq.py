@@ -27,8 +27,6 @@ class UnsupportedModel(ValueError):
 class Seq2SeqRunner:
     """Owns the per-row self-attention slabs and per-block cross-attention slabs of one model."""
 
-    encoder_decoder = True
-
     def __init__(self, model: Any, *, max_blocks: int, beams: int, max_length: int, cache_dtype: torch.dtype) -> None:
         config = model.config
         if config.model_type != "blenderbot":

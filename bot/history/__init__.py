@@ -5,8 +5,8 @@ one process), a `postgresql://` URL is a PostgreSQL database (`bot.history.postg
 number of bot processes). Both keep the same promises:
 
 - a turn is committed before its reply is posted (`append` returns once it is durable);
-- each conversation keeps at least its newest `max_turns` turns, and at most `max_turns` +
-  `trim_step(max_turns)`: past that it is cut back to `max_turns` at once (see `trim_step`);
+- each conversation keeps at least its newest `max_turns` turns, and at most `most_turns(max_turns)`:
+  past that it is cut back to `max_turns` at once (see `most_turns`);
 - `/reset`, a server-wide reset and `/forget-me` hold for every process sharing the database, also
   against a reply being generated at that moment. Each reset bumps an *epoch* (per channel, server
   and user) in the same transaction as its delete; a reply is stored only if the epochs it read
@@ -30,16 +30,16 @@ from bot.core.types import Conversation, Turn
 POSTGRES_URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 
 
-def trim_step(max_turns: int) -> int:
-    """How many turns a conversation may grow past `max_turns` before it is cut back to `max_turns`.
+def most_turns(max_turns: int) -> int:
+    """How many turns a conversation may grow to before it is cut back to its newest `max_turns`.
 
     Cutting in steps keeps a conversation's oldest turn in place for several messages, so each prompt
     starts as the one before did and the engine's prefix cache (`bot/engine/prefix_cache.py`) reads
     only what is new. Trimming one exchange per message would change the prompt's start every time,
     and every message would be read whole again. The price: a conversation shows the model between
-    `max_turns` and `max_turns` + this many turns. Half of `max_turns`, in whole exchanges.
+    `max_turns` and this many turns: half as many more, in whole exchanges.
     """
-    return (max_turns // 2) & ~1
+    return max_turns + ((max_turns // 2) & ~1)
 
 
 class HistoryError(Exception):

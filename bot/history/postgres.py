@@ -35,7 +35,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.core.types import Conversation, Turn
-from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, redact, trim_step
+from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, most_turns, redact
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,20 @@ _BUMP = (
 )
 
 
+async def _locked_epochs(cur: psycopg.AsyncCursor[Any], conversation: Conversation, user_id: int | None) -> Epochs:
+    """The conversation's epochs, their rows made sure of and locked FOR SHARE until the transaction ends:
+    a reset either committed before (its epoch is seen here) or waits for this transaction."""
+    keys = (conversation.channel_id, conversation.guild_id, user_id)
+    await cur.execute(_ENSURE_EPOCHS, keys)
+    await cur.execute(_LOCK_EPOCHS, keys)
+    found = dict(await cur.fetchall())
+    return Epochs(
+        int(found.get("channel", 0)),
+        int(found.get("guild", 0)) if conversation.guild_id is not None else 0,
+        int(found.get("user", 0)) if user_id is not None else 0,
+    )
+
+
 class PostgresHistoryStore:
     """Turns per conversation in PostgreSQL, newest `max_turns` kept (cut in steps); open with
     `PostgresHistoryStore.open`."""
@@ -197,7 +211,7 @@ class PostgresHistoryStore:
 
     async def get(self, conversation: Conversation) -> list[Turn]:
         async with self._connection() as conn:
-            cur = await conn.execute(_GET, (conversation.channel_id, self.max_turns + trim_step(self.max_turns)))
+            cur = await conn.execute(_GET, (conversation.channel_id, most_turns(self.max_turns)))
             return [Turn(role, text, speaker) for role, text, speaker in await cur.fetchall()]
 
     async def snapshot(self, conversation: Conversation, user_id: int | None) -> Snapshot:
@@ -205,7 +219,7 @@ class PostgresHistoryStore:
             "channel": conversation.channel_id,
             "guild": conversation.guild_id,
             "user": user_id,
-            "limit": self.max_turns + trim_step(self.max_turns),
+            "limit": most_turns(self.max_turns),
         }
         async with self._connection() as conn:
             rows = await (await conn.execute(_SNAPSHOT, params)).fetchall()
@@ -218,22 +232,13 @@ class PostgresHistoryStore:
         keys = (conversation.channel_id, conversation.guild_id, user_id)
 
         async def write(cur: psycopg.AsyncCursor[Any]) -> bool:
-            if expected is not None:
-                await cur.execute(_ENSURE_EPOCHS, keys)
-                await cur.execute(_LOCK_EPOCHS, keys)
-                found = dict(await cur.fetchall())
-                now = Epochs(
-                    int(found.get("channel", 0)),
-                    int(found.get("guild", 0)) if conversation.guild_id is not None else 0,
-                    int(found.get("user", 0)) if user_id is not None else 0,
-                )
-                if now != expected:
-                    return False
+            if expected is not None and await _locked_epochs(cur, conversation, user_id) != expected:
+                return False
             await cur.executemany(
                 _INSERT,
                 [(*keys, t.role, _no_nul(t.text), _no_nul(t.speaker) if t.speaker else t.speaker) for t in turns],
             )
-            most = self.max_turns + trim_step(self.max_turns)
+            most = most_turns(self.max_turns)
             await cur.execute(_TRIM, {"channel": conversation.channel_id, "keep": self.max_turns, "most": most})
             return True
 
@@ -242,18 +247,8 @@ class PostgresHistoryStore:
     async def replace_last_reply(
         self, conversation: Conversation, user_id: int | None, old: str, new: str, *, expected: Epochs
     ) -> bool:
-        keys = (conversation.channel_id, conversation.guild_id, user_id)
-
         async def write(cur: psycopg.AsyncCursor[Any]) -> bool:
-            await cur.execute(_ENSURE_EPOCHS, keys)
-            await cur.execute(_LOCK_EPOCHS, keys)  # a reset waits for this, or committed first
-            found = dict(await cur.fetchall())
-            now = Epochs(
-                int(found.get("channel", 0)),
-                int(found.get("guild", 0)) if conversation.guild_id is not None else 0,
-                int(found.get("user", 0)) if user_id is not None else 0,
-            )
-            if now != expected:
+            if await _locked_epochs(cur, conversation, user_id) != expected:
                 return False
             await cur.execute(
                 "SELECT id, role, text FROM turns WHERE channel_id = %s ORDER BY id DESC LIMIT 1 FOR UPDATE",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bot.core.types import Conversation, Turn
-from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, trim_step
+from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, most_turns
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class SQLiteHistoryStore:
             "SELECT role, text, speaker FROM"
             " (SELECT id, role, text, speaker FROM turns WHERE channel_id = ? ORDER BY id DESC LIMIT ?)"
             " ORDER BY id",
-            (conversation.channel_id, self.max_turns + trim_step(self.max_turns)),
+            (conversation.channel_id, most_turns(self.max_turns)),
         ).fetchall()
         return [Turn(role, text, speaker) for role, text, speaker in rows]
 
@@ -286,7 +286,7 @@ class SQLiteHistoryStore:
                         conversation.channel_id,
                         self.max_turns,
                         conversation.channel_id,
-                        self.max_turns + trim_step(self.max_turns),
+                        most_turns(self.max_turns),
                     ),
                 )
                 return True
