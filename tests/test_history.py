@@ -118,14 +118,19 @@ async def test_snapshot_reads_turns_and_epochs_together(store: HistoryStore) -> 
     assert (await store.snapshot(DM, None)).epochs == Epochs(0, 0, 0)  # no server, no user: never cleared
 
 
-@pytest.mark.parametrize("clear", ["reset", "reset_guild", "forget_user"])
-async def test_append_refused_after_a_clear_it_did_not_see(store: HistoryStore, clear: str) -> None:
-    seen = await store.snapshot(A, 7)
+async def clear_by(store: HistoryStore, clear: str) -> None:
+    """Clear conversation A (in server 100, user 7 speaking) the way `clear` names."""
     await {
         "reset": lambda: store.reset(A),
         "reset_guild": lambda: store.reset_guild(100),
         "forget_user": lambda: store.forget_user(7),
     }[clear]()
+
+
+@pytest.mark.parametrize("clear", ["reset", "reset_guild", "forget_user"])
+async def test_append_refused_after_a_clear_it_did_not_see(store: HistoryStore, clear: str) -> None:
+    seen = await store.snapshot(A, 7)
+    await clear_by(store, clear)
     assert not await store.append(A, 7, Turn("user", "late"), Turn("bot", "reply"), expected=seen.epochs)
     assert await store.get(A) == []
     # Other people, channels and servers are not held back; a fresh snapshot stores again.
@@ -202,11 +207,7 @@ async def test_replace_last_reply_regenerates_only_the_newest_bot_turn(store: Hi
 async def test_replace_last_reply_refused_after_a_clear(store: HistoryStore, clear: str) -> None:
     await store.append(A, 7, Turn("user", "q"), Turn("bot", "a"))
     seen = await store.snapshot(A, 7)
-    await {
-        "reset": lambda: store.reset(A),
-        "reset_guild": lambda: store.reset_guild(100),
-        "forget_user": lambda: store.forget_user(7),
-    }[clear]()
+    await clear_by(store, clear)
     await store.append(A, 7, Turn("user", "q"), Turn("bot", "a"))  # the same words again, after the clear
     assert not await store.replace_last_reply(A, 7, "a", "regenerated", expected=seen.epochs)
     assert (await store.get(A))[-1] == Turn("bot", "a")

@@ -394,38 +394,9 @@ class FakeDiscord:
         buttons = [c.get("custom_id") for row in current.get("components", []) for c in row.get("components", [])]
         if custom_id not in buttons and not force:
             raise CommandNotAvailable(f"message {message['id']} shows no button {custom_id!r} (it has {buttons})")
-        guild_id = channel.guild_id
-        perms = w.permissions_in(user.id, channel)
-        iid = w.ids.next()
-        token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(48)
-        payload: dict[str, Any] = {
-            "id": str(iid),
-            "application_id": str(w.application_id),
-            "type": 3,
-            "data": {"custom_id": custom_id, "component_type": 2},
-            "message": current,
-            "channel_id": str(channel.id),
-            "channel": channel.payload(),
-            "token": token,
-            "version": 1,
-            "app_permissions": str(w.permissions_in(w.bot_user.id, channel) if guild_id else perms),
-            "locale": "en-US",
-            "entitlements": [],
-            "authorizing_integration_owners": {"0": str(guild_id) if guild_id else "0"},
-            "context": 0 if guild_id else 1,
-            "attachment_size_limit": 10 * 1024 * 1024,
-        }
-        if guild_id:
-            member = w.guild_members(guild_id)[user.id].payload()
-            member["permissions"] = str(perms)
-            payload.update(
-                guild_id=str(guild_id),
-                guild_locale="en-US",
-                guild={"id": str(guild_id), "locale": "en-US", "features": []},
-                member=member,
-            )
-        else:
-            payload["user"] = user.payload()
+        iid, token, payload = self._interaction_payload(
+            3, {"custom_id": custom_id, "component_type": 2}, user, channel, message=current
+        )
         record = Interaction(iid, token, custom_id, user, channel, payload, time.monotonic(), kind=3, message=current)
         self.interactions[iid] = record
         await self.gateway.dispatch("INTERACTION_CREATE", payload)
@@ -533,13 +504,28 @@ class FakeDiscord:
         if resolved:
             data["resolved"] = resolved
 
+        iid, token, payload = self._interaction_payload(2, data, user, channel)
+        record = Interaction(iid, token, name, user, channel, payload, time.monotonic() - age)
+        self.interactions[iid] = record
+        await self.gateway.dispatch("INTERACTION_CREATE", payload)
+        return record
+
+    def _interaction_payload(
+        self, kind: int, data: dict[str, Any], user: User, channel: Channel, **extra: Any
+    ) -> tuple[int, str, dict[str, Any]]:
+        """A new interaction of `kind` by `user` in `channel`, as Discord sends it in INTERACTION_CREATE:
+        its id, its token and the payload (`extra` adds fields, such as a component's `message`)."""
+        w = self.world
+        guild_id = channel.guild_id
+        perms = w.permissions_in(user.id, channel)
         iid = w.ids.next()
         token = "aW50ZXJhY3Rpb246" + secrets.token_urlsafe(48)
         payload: dict[str, Any] = {
             "id": str(iid),
             "application_id": str(w.application_id),
-            "type": 2,
+            "type": kind,
             "data": data,
+            **extra,
             "channel_id": str(channel.id),
             "channel": channel.payload(),
             "token": token,
@@ -548,7 +534,7 @@ class FakeDiscord:
             "locale": "en-US",
             "entitlements": [],
             "authorizing_integration_owners": {"0": str(guild_id) if guild_id else "0"},
-            "context": context,
+            "context": 0 if guild_id else 1,
             "attachment_size_limit": 10 * 1024 * 1024,
         }
         if guild_id:
@@ -562,10 +548,7 @@ class FakeDiscord:
             )
         else:
             payload["user"] = user.payload()
-        record = Interaction(iid, token, name, user, channel, payload, time.monotonic() - age)
-        self.interactions[iid] = record
-        await self.gateway.dispatch("INTERACTION_CREATE", payload)
-        return record
+        return iid, token, payload
 
     def _option_value(
         self, option: dict[str, Any], value: Any, user: User, channel: Channel, resolved: dict[str, dict[str, Any]]
