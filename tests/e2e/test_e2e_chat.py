@@ -160,7 +160,7 @@ async def test_nothing_the_bot_posts_can_ping(harness: BotHarness, monkeypatch: 
     # Even if the model itself writes every kind of mention, nobody is notified.
     loud = f"@everyone @here {w.fans_role.mention} {w.admin.mention} {w.member.mention}"
 
-    async def loud_reply(history: object, on_partial: object = None) -> str:
+    async def loud_reply(history: object, on_partial: object = None, **options: object) -> str:
         return loud
 
     monkeypatch.setattr(harness.engine, "reply", loud_reply)
