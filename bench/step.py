@@ -3,8 +3,9 @@
 Times `CausalRunner.step` directly (no scheduler, no tokenizer): one conversation at ~360 positions
 (a 300-token prompt and 60 reply tokens), and 16 conversations at once (prompts of 250-400 tokens),
 in several variants measured in turns in this one process, so their ratios are comparable on a
-shared machine: the unfused Linears over the whole slab (how the step ran before), fused q/k/v and
-gate/up, attention over each row's used length, and both. The memory bandwidth is measured before and
+shared machine: fbgemm's unfused Linears over the whole slab (how the step first ran), fused q/k/v
+and gate/up with attention over each row's used length, and the same with the AVX2 int8 kernel
+(`bot/engine/kernel.py`) instead of fbgemm. The memory bandwidth is measured before and
 after; the floor is the int8 weight bytes one step reads over that bandwidth.
 """
 
@@ -24,20 +25,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from bench import bandwidth
 from bench.build import build_chat_model
 
-VARIANTS = {  # name: (fused Linears, attention bucket or None for the whole slab)
-    "unfused, whole slab": (False, None),
-    "fused, whole slab": (True, None),
-    "unfused, bucketed": (False, 128),
-    "fused, bucketed": (True, 128),
+VARIANTS = {  # name: (int8 Linears by the AVX2 kernel, fused Linears, attention bucket or None for the whole slab)
+    "fbgemm, unfused, whole slab": (False, False, None),
+    "fbgemm, fused, bucketed": (False, True, 128),
+    "kernel, fused, bucketed": (True, True, 128),
 }
+BASE = "fbgemm, unfused, whole slab"
 
 
-def load_int8(model_dir: Path) -> Any:
+def load_int8(model_dir: Path, *, use_kernel: bool) -> Any:
+    import contextlib
+
+    from bot.engine import kernel
     from bot.engine.device import prepare_model
     from bot.engine.loading import load_tokenizer_and_model
 
     _, model = load_tokenizer_and_model(str(model_dir))
-    model, precision = prepare_model(model, "cpu", "int8")
+    with contextlib.nullcontext() if use_kernel else kernel.fbgemm_only():
+        model, precision = prepare_model(model, "cpu", "int8")
     assert precision == "int8"
     return model
 
@@ -94,25 +99,31 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_chat_model()
     config = json.loads((model_dir / "config.json").read_text())
     started = time.perf_counter()
-    models = {False: load_int8(model_dir), True: load_int8(model_dir)}
+    from bot.engine import kernel
+
+    kinds = sorted({(use_kernel, fuse) for use_kernel, fuse, _ in VARIANTS.values()})
     lengths = [300] + [250 + 10 * i for i in range(15)]
-    runners = {fuse: make_runner(models[fuse], fuse=fuse, blocks=16, max_length=2048) for fuse in (False, True)}
-    start = {fuse: fill(runners[fuse], lengths, config["vocab_size"]) for fuse in runners}
-    print(f"loaded two int8 models and prefilled 16 rows in {time.perf_counter() - started:.0f}s", flush=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    runners = {
+        kind: make_runner(load_int8(model_dir, use_kernel=kind[0]), fuse=kind[1], blocks=16, max_length=2048)
+        for kind in kinds
+    }
+    start = {kind: fill(runners[kind], lengths, config["vocab_size"]) for kind in runners}
+    print(f"loaded {len(kinds)} int8 models and prefilled 16 rows each in {time.perf_counter() - started:.0f}s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernel: {kernel.status()}", flush=True)
 
     bw_before = bandwidth.measure_bandwidth_gbs()
     one: dict[str, list[float]] = {name: [] for name in VARIANTS}
     best: dict[str, float] = {name: float("inf") for name in VARIANTS}  # the quietest round's median
     sixteen: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
-        for name, (fuse, bucket) in VARIANTS.items():
-            runner = runners[fuse]
+        for name, (use_kernel, fuse, bucket) in VARIANTS.items():
+            runner = runners[use_kernel, fuse]
             runner.attend_bucket = bucket
-            times = time_steps(runner, 1, start[fuse], args.steps)
+            times = time_steps(runner, 1, start[use_kernel, fuse], args.steps)
             one[name] += times
             best[name] = min(best[name], statistics.median(times))
-            sixteen[name].append(statistics.median(time_steps(runner, 16, start[fuse], max(args.steps // 4, 5))))
+            steps16 = max(args.steps // 4, 5)
+            sixteen[name].append(statistics.median(time_steps(runner, 16, start[use_kernel, fuse], steps16)))
     bw_after = bandwidth.measure_bandwidth_gbs()
 
     bw = max(bw_before["best"], bw_after["best"])
@@ -123,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         f"after {bw_after['read']:.1f} read, {bw_after['copy']:.1f} copy"
     )
     print(f"floor: {weight_bytes / 1e6:.0f} MB of int8 weights per step / {bw:.1f} GB/s = {floor_ms:.1f} ms")
-    base1 = statistics.median(one["unfused, whole slab"])
-    base16 = statistics.median(sixteen["unfused, whole slab"])
+    base1 = statistics.median(one[BASE])
+    base16 = statistics.median(sixteen[BASE])
     out: dict[str, Any] = {"bandwidth": [bw_before, bw_after], "floor_ms": floor_ms, "variants": {}}
     for name in VARIANTS:
         m1, m16 = statistics.median(one[name]), statistics.median(sixteen[name])

@@ -370,9 +370,13 @@ class CausalRunner:
         if len(spans) == 1:
             index, length, mask = spans[0]
             return attend(query, keys[index, :, :length], values[index, :, :length], mask, self.scaling)
-        out = torch.empty(query.shape, dtype=keys.dtype, device=query.device)
+        out: torch.Tensor | None = None
         for index, length, mask in spans:
-            out[index] = attend(query[index], keys[index, :, :length], values[index, :, :length], mask, self.scaling)
+            part = attend(query[index], keys[index, :, :length], values[index, :, :length], mask, self.scaling)
+            if out is None:
+                out = torch.empty(query.shape, dtype=part.dtype, device=query.device)
+            out[index] = part
+        assert out is not None
         return out
 
 

@@ -59,7 +59,8 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
     and the fp32 pages of each are dropped as soon as it is quantized, so the fp32 model is never
     fully resident. A decoder-only model whose output layer shares the embedding matrix (Qwen2.5:
     136M of its 494M parameters) also looks its input embeddings up in int8 rows, so that matrix
-    is never kept in fp32 beside its int8 copy.
+    is never kept in fp32 beside its int8 copy; with the AVX2 kernel those rows are the output
+    layer's own, so it is kept once.
     """
     import gc
 
@@ -71,6 +72,7 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
     if precision == "int8":
         from bot.engine.int8 import (
             Int8Embedding,
+            RowwiseInt8Linear,
             detach_from_files_,
             file_ranges,
             quantize_linears_,
@@ -81,7 +83,11 @@ def prepare_model(model: Any, device: str, precision: str) -> tuple[Any, str]:
             quantize_linears_(model)
             if not model.config.is_encoder_decoder and model.config.tie_word_embeddings:
                 shared = model.get_input_embeddings().weight
-                model.set_input_embeddings(Int8Embedding(shared))
+                head = model.get_output_embeddings()
+                if isinstance(head, RowwiseInt8Linear) and head.uses_kernel:
+                    model.set_input_embeddings(Int8Embedding.sharing(head))
+                else:
+                    model.set_input_embeddings(Int8Embedding(shared))
                 release_file_pages(shared, file_ranges())  # its fp32 pages are not needed any more
             detach_from_files_(model)
         gc.collect()  # closes the mapped checkpoint once nothing points into it

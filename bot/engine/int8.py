@@ -27,6 +27,7 @@ import warnings
 import torch
 from torch import nn
 
+from bot.engine import kernel
 from bot.engine.pages import can_drop_pages
 
 log = logging.getLogger(__name__)
@@ -41,35 +42,64 @@ def can_quantize() -> bool:
     return "fbgemm" in engines or "x86" in engines
 
 
+def quantize_rows(weight: torch.Tensor, chunk_rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows [N, K] and fp32 scales [N] (each row's largest magnitude / 127), read in slices.
+
+    In slices, so the output projection (151,936 rows for Qwen2.5) never has an fp32 temporary of
+    its own size beside the weights.
+    """
+    rows = int(weight.shape[0])
+    table = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(rows)
+    for start in range(0, rows, chunk_rows):
+        part = weight[start : start + chunk_rows].detach().float()
+        part_scale = part.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        table[start : start + chunk_rows] = torch.round(part / part_scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        scales[start : start + chunk_rows] = part_scale
+    return table, scales
+
+
 class RowwiseInt8Linear(nn.Module):
-    """y = x W^T + b with int8 W (per output channel) and int8 x (per row); batch-invariant."""
+    """y = x W^T + b with int8 W (per output channel) and int8 x (per row); batch-invariant.
+
+    Computed by the AVX2 kernel (`bot.engine.kernel`) where it can be built, else by fbgemm.
+    """
 
     bias: torch.Tensor | None
+    scales: torch.Tensor
     _anchor: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        weight = weight.detach().float()
-        out_features = int(weight.shape[0])
-        scales = (weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0).double()
+        rows, scales = quantize_rows(weight)
+        self._setup(rows, scales, None if bias is None else bias.detach().float().clone())
+
+    def _setup(self, rows: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = (int(v) for v in rows.shape)
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("scales", scales.float().contiguous(), persistent=False)
+        self.uses_kernel = kernel.available()
+        if self.uses_kernel:
+            self.packed = kernel.pack(rows)
+            return
         with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated" (torch 2.13)
             warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(
-                weight, scales, torch.zeros(out_features, dtype=torch.long), 0, torch.qint8
+            qweight = torch._make_per_channel_quantized_tensor(
+                rows, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0
             )
-        self._setup(qweight, None if bias is None else bias.detach().float().clone())
-
-    def _setup(self, qweight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.in_features = int(qweight.shape[1])
-        self.out_features = int(qweight.shape[0])
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.register_buffer("bias", bias, persistent=False)
         anchor = torch.zeros(1, self.in_features)
         anchor[0, 0] = -1.0
         if self.in_features > 1:
             anchor[0, 1] = 1.0
         self.register_buffer("_anchor", anchor, persistent=False)
         self._buffers_by_rows: dict[int, torch.Tensor] = {}
+
+    def int8_rows(self) -> torch.Tensor:
+        """The int8 weights [out_features, in_features] (a copy)."""
+        if self.uses_kernel:
+            return kernel.unpack(self.packed, self.out_features, self.in_features)
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     @classmethod
     def fused(cls, linears: list[RowwiseInt8Linear]) -> RowwiseInt8Linear:
@@ -82,17 +112,12 @@ class RowwiseInt8Linear(nn.Module):
             raise ValueError("fused Linears must share their input size")
         if len({m.bias is None for m in linears}) != 1:
             raise ValueError("fused Linears must all have a bias or none")
-        weights = [torch.ops.quantized.linear_unpack(m._packed)[0] for m in linears]
-        qweight = torch._make_per_channel_quantized_tensor(
-            torch.cat([w.int_repr() for w in weights]),
-            torch.cat([w.q_per_channel_scales() for w in weights]),
-            torch.cat([w.q_per_channel_zero_points() for w in weights]),
-            0,
-        )
+        rows = torch.cat([m.int8_rows() for m in linears])
+        scales = torch.cat([m.scales for m in linears])
         biases = [m.bias for m in linears]
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused._setup(qweight, None if biases[0] is None else torch.cat([b for b in biases if b is not None]))
+        fused._setup(rows, scales, None if biases[0] is None else torch.cat([b for b in biases if b is not None]))
         return fused
 
     def _input_buffer(self, rows: int) -> torch.Tensor:
@@ -113,6 +138,9 @@ class RowwiseInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features).float()
+        if self.uses_kernel:
+            out = kernel.linear(rows.contiguous(), self.packed, self.scales, self.bias, self.out_features)
+            return out.reshape(*shape[:-1], self.out_features)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # faster than vector_norm(inf) on CPU
         if torch.is_inference_mode_enabled():
             buf = self._input_buffer(rows.shape[0])  # reused: the kernel reads it only during this call
@@ -125,7 +153,8 @@ class RowwiseInt8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 rowwise"
+        backend = "AVX2 kernel" if self.uses_kernel else "fbgemm"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 rowwise ({backend})"
 
 
 class FusedPart(nn.Module):
@@ -205,29 +234,44 @@ def fuse_linears_(parent: nn.Module, names: list[str]) -> RowwiseInt8Linear | No
 
 
 class Int8Embedding(nn.Module):
-    """An embedding table kept as int8 rows with one scale per row; looked-up rows come back in fp32."""
+    """An embedding table kept as int8 rows with one scale per row; looked-up rows come back in fp32.
+
+    `sharing(lm_head)` looks rows up in a tied output projection's own int8 weights (the same
+    per-row quantization), so a model whose embeddings and output layer are one matrix keeps one
+    int8 copy of it.
+    """
 
     table: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, chunk_rows: int = 8192) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        rows, self.embedding_dim = int(weight.shape[0]), int(weight.shape[1])
-        table = torch.empty(rows, self.embedding_dim, dtype=torch.int8)
-        scale = torch.empty(rows)
-        for start in range(0, rows, chunk_rows):  # in slices, so no fp32 temporary of the whole table
-            part = weight[start : start + chunk_rows].detach().float()
-            part_scale = part.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            table[start : start + chunk_rows] = torch.round(part / part_scale[:, None]).to(torch.int8)
-            scale[start : start + chunk_rows] = part_scale
+        self.num_embeddings, self.embedding_dim = int(weight.shape[0]), int(weight.shape[1])
+        table, scale = quantize_rows(weight)
         self.register_buffer("table", table, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
+        self._shared: RowwiseInt8Linear | None = None
+
+    @classmethod
+    def sharing(cls, linear: RowwiseInt8Linear) -> Int8Embedding:
+        """The embedding of a tied output projection that the int8 kernel holds (its packed rows)."""
+        if not linear.uses_kernel:
+            raise ValueError("only the kernel's packed weights can be shared")
+        embedding = cls.__new__(cls)
+        nn.Module.__init__(embedding)
+        embedding.num_embeddings, embedding.embedding_dim = linear.out_features, linear.in_features
+        embedding.__dict__["_shared"] = linear  # a plain reference: not a second registered submodule
+        return embedding
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._shared is not None:
+            rows = kernel.packed_rows(self._shared.packed, ids, self.embedding_dim)
+            return rows.float() * self._shared.scales[ids].unsqueeze(-1)
         return self.table[ids].float() * self.scale[ids].unsqueeze(-1)
 
     def extra_repr(self) -> str:
-        return f"{self.table.shape[0]}, {self.embedding_dim}, int8 rows"
+        shared = ", shared with the output layer" if self._shared is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows{shared}"
 
 
 def file_ranges() -> list[tuple[int, int]]:

@@ -1,0 +1,172 @@
+"""The int8 matrix kernel (`kernels/int8_linear.c`): built with the machine's C compiler, loaded with ctypes.
+
+fbgemm's int8 Linear reads a decoding step's weights at about half the memory bandwidth when there
+are only a few rows (one conversation is one row). The kernel streams weights packed four output
+channels at a time and reaches most of it, with exact int32 sums, so a row's result depends on that
+row alone. It is compiled once per machine into the temporary directory (well under a second; the
+file is named by a hash of the source and flags, so an edited source is rebuilt) and needs x86-64
+with AVX2 and a C compiler with OpenMP. Without them, or with `BOT_INT8_KERNEL=off`, int8 Linears use
+fbgemm as before; `status()` says which and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+GROUP = 4  # output channels packed together (TILE_COLS in the C source)
+K_STEP = 32  # bytes of one row read per instruction; rows are padded to a multiple of it
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_status: str | None = None
+_refused = 0  # `fbgemm_only` blocks open: Linears made meanwhile use fbgemm
+
+
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx2" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def _build(compiler: str) -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"discord-bot-kernels-{os.getuid()}"
+    target = folder / f"int8_linear-{digest}.so"
+    if target.exists():
+        return target
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = folder / f"{target.name}.{os.getpid()}.tmp"
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+        )
+        os.replace(partial, target)  # atomic: another process building at once finds a whole file
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("BOT_INT8_KERNEL", "").lower() in ("0", "off", "false", "no"):
+        return None, "fbgemm (BOT_INT8_KERNEL=off)"
+    if not _cpu_has_avx2():
+        return None, "fbgemm (this CPU has no AVX2)"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, "fbgemm (no C compiler to build the int8 kernel; install gcc)"
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except subprocess.CalledProcessError as error:
+        return None, f"fbgemm (building the int8 kernel failed: {error.stderr.strip()[-300:]})"
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"fbgemm (the int8 kernel could not be built or loaded: {error})"
+    function = library.int8_linear
+    function.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    return library, "int8 kernel (AVX2)"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it cannot be had (built at the first call)."""
+    global _library, _status
+    with _lock:
+        if _status is None:
+            _library, _status = _load()
+            (log.info if _library is not None else log.warning)("int8 Linears use the %s", _status)
+        return _library
+
+
+def available() -> bool:
+    """Whether int8 Linears made now use the kernel."""
+    return not _refused and library() is not None
+
+
+@contextlib.contextmanager
+def fbgemm_only() -> Iterator[None]:
+    """Int8 Linears made inside use fbgemm (benchmarks compare the two; tests cover the fallback)."""
+    global _refused
+    with _lock:
+        _refused += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _refused -= 1
+
+
+def status() -> str:
+    library()
+    assert _status is not None
+    return _status
+
+
+def padded(k: int) -> int:
+    return -(-k // K_STEP) * K_STEP
+
+
+def pack(rows: torch.Tensor) -> torch.Tensor:
+    """int8 weights [N, K] in the kernel's layout: [ceil(N/4), Kp/32, 4, 32], zero padded."""
+    n, k = rows.shape
+    kp, np_ = padded(k), -(-n // GROUP) * GROUP
+    out = torch.zeros(np_, kp, dtype=torch.int8)
+    out[:n, :k] = rows
+    return out.view(np_ // GROUP, GROUP, kp // K_STEP, K_STEP).transpose(1, 2).contiguous()
+
+
+def packed_rows(packed: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `index` of the int8 weights `pack` packed (an embedding lookup in the shared table)."""
+    rows = packed[torch.div(index, GROUP, rounding_mode="floor"), :, index % GROUP, :]  # [..., Kp/32, 32]
+    return rows.flatten(-2)[..., :k]
+
+
+def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The int8 weights [N, K] that `pack` packed."""
+    groups, steps = packed.shape[0], packed.shape[1]
+    return packed.transpose(1, 2).reshape(groups * GROUP, steps * K_STEP)[:n, :k].contiguous()
+
+
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """x [M, K] fp32 (contiguous) times the packed weights: [M, N] fp32."""
+    lib = library()
+    assert lib is not None, "the int8 kernel is not available"
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    failed = lib.int8_linear(
+        x.data_ptr(),
+        m,
+        k,
+        packed.data_ptr(),
+        scales.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        n,
+        packed.shape[1] * K_STEP,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("the int8 kernel could not allocate its scratch memory")
+    return out
