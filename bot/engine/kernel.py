@@ -130,9 +130,11 @@ def pack(rows: torch.Tensor) -> torch.Tensor:
     """int8 weights [N, K] in the kernel's layout: [ceil(N/4), Kp/32, 4, 32], zero padded."""
     n, k = rows.shape
     kp, np_ = padded(k), -(-n // GROUP) * GROUP
-    out = torch.zeros(np_, kp, dtype=torch.int8)
-    out[:n, :k] = rows
-    return out.view(np_ // GROUP, GROUP, kp // K_STEP, K_STEP).transpose(1, 2).contiguous()
+    if (np_, kp) != (n, k):
+        padded_rows = torch.zeros(np_, kp, dtype=torch.int8)
+        padded_rows[:n, :k] = rows
+        rows = padded_rows
+    return rows.contiguous().view(np_ // GROUP, GROUP, kp // K_STEP, K_STEP).transpose(1, 2).contiguous()
 
 
 def packed_rows(packed: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
