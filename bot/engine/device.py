@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 from bot.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def resolve_device(requested: str) -> str:

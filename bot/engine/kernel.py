@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from bot.engine.device import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
@@ -40,13 +42,7 @@ _refused = 0  # `fbgemm_only` blocks open: Linears made meanwhile use fbgemm
 
 
 def _cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " avx2" in line for line in cpuinfo)
-    except OSError:
-        return False
+    return platform.machine().lower() in ("x86_64", "amd64") and "avx2" in cpu_flags()
 
 
 def _build(compiler: str) -> Path:
@@ -153,7 +149,7 @@ def linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int
 ) -> torch.Tensor:
     """x [M, K] fp32 (contiguous) times the packed weights: [M, N] fp32."""
-    lib = library()
+    lib = _library or library()  # loaded once; the hot path skips the lock
     assert lib is not None, "the int8 kernel is not available"
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)

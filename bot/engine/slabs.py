@@ -3,9 +3,9 @@ moving rows between slabs. Both model families (`seq2seq.py`, `causal.py`) keep 
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from bot.engine.device import cpu_flags
 
 
 def attend(
@@ -17,22 +17,17 @@ def attend(
     times slower at these shapes (a few queries per row, short key slabs), bf16 most of all. The
     scores and the softmax are fp32 whatever the cache's dtype.
     """
-    if keys.dtype == torch.bfloat16 and not _fast_bf16():
+    if keys.dtype == torch.bfloat16 and keys.device.type == "cpu" and not _fast_bf16():
         keys, values = keys.float(), values.float()  # upcasting a row's slab costs less than bf16 matmuls here
     scores = torch.matmul(query.to(keys.dtype), keys.transpose(-1, -2)).float() * scaling
     weights = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
     return torch.matmul(weights.to(values.dtype), values)
 
 
-@functools.cache
 def _fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16 matmuls are several
     times slower than fp32 ones (measured on an AVX2-only EPYC: 245 us against under 50 us per call)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and ("avx512_bf16" in line or "amx_bf16" in line) for line in cpuinfo)
-    except OSError:
-        return False
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def reorder_rows(slabs: tuple[torch.Tensor, ...], rows: int, order: torch.Tensor, filled: int) -> None:

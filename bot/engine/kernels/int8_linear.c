@@ -8,7 +8,7 @@
  * Products: AVX2 has no signed x signed byte multiply, so each pair of bytes is taken as
  * |x| (unsigned) times w with x's sign moved onto w (vpsignb), which vpmaddubsw sums in pairs without
  * saturating (2 * 127 * 127 < 32767), and vpmaddwd widens to int32. Both operands are in [-127, 127].
- * Weights are packed by `pack_weights` in bot/engine/kernel.py: rows padded with zeros to Kp (a multiple of
+ * Weights are packed by `pack` in bot/engine/kernel.py: rows padded with zeros to Kp (a multiple of
  * 32) and N to a multiple of 4, then each group of 4 rows stored as [Kp / 32][4][32] bytes, so that a tile
  * reads its weights as one sequential stream.
  */
@@ -132,6 +132,8 @@ int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const flo
         for (int64_t r = 0; r < m; r++) xs[r] = quantize_row(x + r * k, k, kp, xq + r * kp);
         for (int64_t m0 = 0; m0 < m; m0 += ROW_BLOCK) {
             const int64_t m1 = m - m0 < ROW_BLOCK ? m : m0 + ROW_BLOCK;
+            /* nowait: every row block splits the same column groups the same way (static), so a thread
+             * only ever writes its own columns and needs no barrier between blocks */
             #pragma omp for schedule(static) nowait
             for (int64_t b = 0; b < col_blocks; b++) {
                 column_group(xq, xs, m0, m1, w, ws, bias, b, kp, n, out);
