@@ -3,10 +3,10 @@
 Times `CausalRunner.step` directly (no scheduler, no tokenizer): one conversation at ~360 positions
 (a 300-token prompt and 60 reply tokens), and 16 conversations at once (prompts of 250-400 tokens),
 in several variants measured in turns in this one process, so their ratios are comparable on a
-shared machine: fbgemm's unfused Linears over the whole slab (how the step first ran), fused q/k/v
-and gate/up with attention over each row's used length, and the same with the AVX2 int8 kernel
-(`bot/engine/kernel.py`) instead of fbgemm. The memory bandwidth is measured before and
-after; the floor is the int8 weight bytes one step reads over that bandwidth.
+shared machine: PyTorch's step with fbgemm's int8 Linears (fused q/k/v and gate/up, attention over
+each row's used length), the same step with the AVX2 int8 kernel (`bot/engine/kernel.py`), and
+every layer in one C call (`bot/engine/native.py`, the default). The memory bandwidth is measured
+before and after; the floor is the int8 weight bytes one step reads over that bandwidth.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from bench import bandwidth
 from bench.build import build_chat_model
 
-VARIANTS = {  # name: (int8 Linears by the AVX2 kernel, fused Linears, attention bucket or None for the whole slab)
-    "fbgemm, unfused, whole slab": (False, False, None),
-    "fbgemm, fused, bucketed": (False, True, 128),
-    "kernel, fused, bucketed": (True, True, 128),
+VARIANTS = {  # name: (int8 Linears by the AVX2 kernel, every layer in one C call)
+    "PyTorch step, fbgemm": (False, False),
+    "PyTorch step, kernel": (True, False),
+    "C layers (default)": (True, True),
 }
-BASE = "fbgemm, unfused, whole slab"
+BASE = "PyTorch step, fbgemm"
 
 
 def load_int8(model_dir: Path, *, use_kernel: bool) -> Any:
@@ -47,12 +47,12 @@ def load_int8(model_dir: Path, *, use_kernel: bool) -> Any:
     return model
 
 
-def make_runner(model: Any, *, fuse: bool, blocks: int, max_length: int) -> Any:
+def make_runner(model: Any, *, blocks: int, max_length: int) -> Any:
     import torch
 
     from bot.engine.causal import CausalRunner
 
-    return CausalRunner(model, max_blocks=blocks, max_length=max_length, cache_dtype=torch.bfloat16, fuse=fuse)
+    return CausalRunner(model, max_blocks=blocks, max_length=max_length, cache_dtype=torch.bfloat16)
 
 
 def fill(runner: Any, lengths: list[int], vocab: int) -> list[int]:
@@ -101,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     from bot.engine import kernel
 
-    kinds = sorted({(use_kernel, fuse) for use_kernel, fuse, _ in VARIANTS.values()})
     lengths = [300] + [250 + 10 * i for i in range(15)]
     runners = {
-        kind: make_runner(load_int8(model_dir, use_kernel=kind[0]), fuse=kind[1], blocks=16, max_length=2048)
-        for kind in kinds
+        use_kernel: make_runner(load_int8(model_dir, use_kernel=use_kernel), blocks=16, max_length=2048)
+        for use_kernel in (False, True)
     }
+    native = runners[True].native
+    assert native is not None, "the C decoder layers are not available here"
     start = {kind: fill(runners[kind], lengths, config["vocab_size"]) for kind in runners}
-    print(f"loaded {len(kinds)} int8 models and prefilled 16 rows each in {time.perf_counter() - started:.0f}s")
+    print(f"loaded {len(runners)} int8 models and prefilled 16 rows each in {time.perf_counter() - started:.0f}s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernel: {kernel.status()}", flush=True)
 
     bw_before = bandwidth.measure_bandwidth_gbs()
@@ -116,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, float] = {name: float("inf") for name in VARIANTS}  # the quietest round's median
     sixteen: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
-        for name, (use_kernel, fuse, bucket) in VARIANTS.items():
-            runner = runners[use_kernel, fuse]
-            runner.attend_bucket = bucket
-            times = time_steps(runner, 1, start[use_kernel, fuse], args.steps)
+        for name, (use_kernel, in_c) in VARIANTS.items():
+            runner = runners[use_kernel]
+            runner.native = native if in_c else None
+            times = time_steps(runner, 1, start[use_kernel], args.steps)
             one[name] += times
             best[name] = min(best[name], statistics.median(times))
             steps16 = max(args.steps // 4, 5)
-            sixteen[name].append(statistics.median(time_steps(runner, 16, start[use_kernel, fuse], steps16)))
+            sixteen[name].append(statistics.median(time_steps(runner, 16, start[use_kernel], steps16)))
     bw_after = bandwidth.measure_bandwidth_gbs()
 
     bw = max(bw_before["best"], bw_after["best"])
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         m1, m16 = statistics.median(one[name]), statistics.median(sixteen[name])
         q1 = statistics.quantiles(one[name], n=4)
         print(
-            f"{name:22s} one conversation {m1:6.1f} ms (quartiles {q1[0]:.1f}-{q1[2]:.1f}; "
+            f"{name:20s} one conversation {m1:6.1f} ms (quartiles {q1[0]:.1f}-{q1[2]:.1f}; "
             f"{m1 / floor_ms:.2f}x floor; {m1 / base1:.2f}x before; quietest round {best[name]:.1f} ms, "
             f"{best[name] / floor_ms:.2f}x floor)   "
             f"16 at once {m16:6.1f} ms per step ({m16 / base16:.2f}x before)",

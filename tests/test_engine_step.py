@@ -29,7 +29,7 @@ def load(model_dir: Path, precision: str) -> Any:
     return prepare_model(model, "cpu", precision)[0]
 
 
-def runner(model: Any, prompts: list[list[int]], **options: Any) -> CausalRunner:
+def make_runner(model: Any, prompts: list[list[int]], **options: Any) -> CausalRunner:
     r = CausalRunner(model, max_blocks=len(prompts), max_length=128, cache_dtype=torch.float32, **options)
     for prompt in prompts:
         r.add_block(prompt)
@@ -85,8 +85,8 @@ def test_fused_parts_compute_once_and_stay_exact_out_of_order() -> None:
 
 def test_fused_int8_model_is_bitwise_the_unfused_one(tiny_chat_model_dir: Path) -> None:
     plain, fused_model = load(tiny_chat_model_dir, "int8"), load(tiny_chat_model_dir, "int8")
-    unfused = runner(plain, PROMPTS, fuse=False)
-    fused = runner(fused_model, PROMPTS)  # fuses at construction, before the prefills
+    unfused = make_runner(plain, PROMPTS, fuse=False)
+    fused = make_runner(fused_model, PROMPTS, native=False)  # fuses at construction, before the prefills
     layer = fused_model.model.layers[0]
     assert isinstance(layer.self_attn.k_proj, FusedPart) and isinstance(layer.mlp.up_proj, FusedPart)
     assert isinstance(plain.model.layers[0].self_attn.k_proj, RowwiseInt8Linear)
@@ -101,7 +101,7 @@ def test_fused_int8_model_is_bitwise_the_unfused_one(tiny_chat_model_dir: Path) 
 
 def test_fp32_models_are_not_fused(tiny_chat_model_dir: Path) -> None:
     model = load(tiny_chat_model_dir, "fp32")
-    runner(model, PROMPTS[:1])
+    make_runner(model, PROMPTS[:1])
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
@@ -109,12 +109,14 @@ def test_fp32_models_are_not_fused(tiny_chat_model_dir: Path) -> None:
 def test_bucketed_attention_is_batch_invariant_and_equals_the_whole_slab(
     tiny_chat_model_dir: Path, precision: str
 ) -> None:
-    """Bitwise in int8; fp32's own Linears (MKL) are not batch-invariant, so there only the whole-slab check."""
+    """Bitwise in int8; fp32's own Linears (MKL) are not batch-invariant, so there only the whole-slab check.
+
+    The PyTorch step's (`native=False`): the C layers attend over each row's exact length, no buckets."""
     model = load(tiny_chat_model_dir, precision)
-    together = steps(runner(model, PROMPTS, attend_bucket=8), PROMPTS)
+    together = steps(make_runner(model, PROMPTS, attend_bucket=8, native=False), PROMPTS)
     exact = precision == "int8"
     for row, prompt in enumerate(PROMPTS):
-        alone = steps(runner(model, [prompt], attend_bucket=8), [prompt])
+        alone = steps(make_runner(model, [prompt], attend_bucket=8, native=False), [prompt])
         for batched, single in zip(together, alone, strict=True):
             if exact:
                 assert torch.equal(batched[row : row + 1], single)
@@ -122,10 +124,12 @@ def test_bucketed_attention_is_batch_invariant_and_equals_the_whole_slab(
                 torch.testing.assert_close(batched[row : row + 1], single, rtol=1e-4, atol=1e-4)
     # reordered rows (spans of non-adjacent rows gathered), still bitwise
     order = [2, 4, 0, 3, 1]
-    shuffled = steps(runner(model, [PROMPTS[i] for i in order], attend_bucket=8), [PROMPTS[i] for i in order])
+    shuffled = steps(
+        make_runner(model, [PROMPTS[i] for i in order], attend_bucket=8, native=False), [PROMPTS[i] for i in order]
+    )
     for a, b in zip(together, shuffled, strict=True):
         assert torch.equal(a[order], b) if exact else torch.allclose(a[order], b, rtol=1e-4, atol=1e-4)
-    whole = steps(runner(model, PROMPTS, attend_bucket=None), PROMPTS)
+    whole = steps(make_runner(model, PROMPTS, attend_bucket=None, native=False), PROMPTS)
     for a, b in zip(together, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -19,6 +19,7 @@ its MLP's gate and up projections as another (`int8.fuse_linears_`), with bitwis
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from bot.engine.int8 import RowwiseInt8Linear, fuse_linears_
+from bot.engine.native import NativeLayers, Unsuitable
 from bot.engine.prefix_cache import PrefixCache
 from bot.engine.slabs import attend, reorder_rows
 
@@ -41,6 +43,12 @@ IN_PLACE_SCORES = 32 * 2048
 # with the same length attend together), not over the whole slab. The length depends on the row's
 # own position only, so batch invariance holds.
 ATTEND_BUCKET = 128
+
+# A prompt goes through the C decoder layers at most this many tokens per call, which bounds their
+# scratch memory (about 40 KB a token for Qwen2.5-0.5B); the result does not depend on it.
+NATIVE_PREFILL_ROWS = 256
+
+log = logging.getLogger(__name__)
 
 # model_type -> whether its attention normalises queries and keys per head (Qwen3)
 SUPPORTED = {"llama": False, "qwen2": False, "qwen3": True}
@@ -81,6 +89,7 @@ class CausalRunner:
         prefix_cache: PrefixCache | None = None,
         fuse: bool = True,
         attend_bucket: int | None = ATTEND_BUCKET,
+        native: bool = True,
     ) -> None:
         config = model.config
         check_supported(config)
@@ -112,6 +121,22 @@ class CausalRunner:
         self.attend_bucket = attend_bucket  # None: every step attends over the whole slab
         # int8: q/k/v and gate/up become one Linear each (bitwise the same results, fewer calls)
         self._fused = [_fuse_layer(layer) if fuse else (None, None) for layer in self.body.layers]
+        # int8 with the AVX2 kernel: every layer of a step or a prompt chunk in one C call
+        self.native: NativeLayers | None = None
+        if native and fuse:
+            try:
+                self.native = NativeLayers(
+                    model,
+                    self.keys,
+                    self.values,
+                    heads=self.heads,
+                    kv_heads=self.kv_heads,
+                    head_dim=self.head_dim,
+                    scaling=self.scaling,
+                    norms_heads=self.norms_heads,
+                )
+            except Unsuitable as why:
+                log.debug("steps run in PyTorch: the model %s", why)
 
     @staticmethod
     def cache_size(config: Any, max_blocks: int, max_length: int, element_size: int = 4) -> int:
@@ -194,6 +219,9 @@ class CausalRunner:
 
     def _prefill(self, block: int, tokens: list[int], start: int) -> None:
         """Run `tokens` (positions `start` on) through the model, attending over the row's first `start`."""
+        if self.native is not None:
+            self._prefill_native(block, tokens, start)
+            return
         if start and len(tokens) * (start + len(tokens)) <= IN_PLACE_SCORES:
             self._prefill_in_place(block, tokens, start)
             return
@@ -212,6 +240,17 @@ class CausalRunner:
         for keys, values, layer in zip(self.keys, self.values, cache.layers, strict=True):
             keys[block, :, start:end] = layer.keys[0, :, start:end]
             values[block, :, start:end] = layer.values[0, :, start:end]
+
+    def _prefill_native(self, block: int, tokens: list[int], start: int) -> None:
+        """`_prefill` through the C decoder layers: bitwise the same whatever the chunks (see the C source)."""
+        body, native = self.body, self.native
+        assert native is not None
+        for offset in range(0, len(tokens), NATIVE_PREFILL_ROWS):
+            part = torch.tensor(tokens[offset : offset + NATIVE_PREFILL_ROWS], device=self.device)
+            positions = torch.arange(start + offset, start + offset + len(part), device=self.device)
+            hidden = body.embed_tokens(part).float().contiguous()
+            cos, sin = body.rotary_emb(hidden[None], positions[None])
+            native.run(hidden, torch.full_like(positions, block), positions, cos[0], sin[0])
 
     def warm(self, tokens: list[int]) -> bool:
         """Prefill `tokens` (the system prompt's prefix) into the prefix cache, pinned; False if not kept."""
@@ -303,6 +342,11 @@ class CausalRunner:
         body = self.body
         row_index = torch.arange(rows, device=self.device)
         hidden = body.embed_tokens(tokens)
+        if self.native is not None:
+            hidden = hidden.float().contiguous()
+            cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
+            self.native.run(hidden, row_index, positions, cos[:, 0], sin[:, 0])
+            return self.model.lm_head(body.norm(hidden)).float()
         cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
         spans = self._attention_spans(positions)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim

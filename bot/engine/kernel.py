@@ -30,7 +30,8 @@ from bot.engine.device import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "int8_linear.c"
+# one library: the int8 Linear and the decoder layers built on it (`bot.engine.native`)
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_linear.c", "decoder_layer.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 4  # output channels packed together (TILE_COLS in the C source)
 K_STEP = 32  # bytes of one row read per instruction; rows are padded to a multiple of it
@@ -46,7 +47,8 @@ def _cpu_has_avx2() -> bool:
 
 
 def _build(compiler: str) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(text + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"discord-bot-kernels-{os.getuid()}"
     target = folder / f"int8_linear-{digest}.so"
     if target.exists():
@@ -55,7 +57,11 @@ def _build(compiler: str) -> Path:
     partial = folder / f"{target.name}.{os.getpid()}.tmp"
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         os.replace(partial, target)  # atomic: another process building at once finds a whole file
     finally:
@@ -81,6 +87,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     function.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    layers = library.decoder_layers
+    layers.restype = ctypes.c_int
+    layers.argtypes = [p, p, i64, p, i64, p, p, p, p]
     return library, "int8 kernel (AVX2)"
 
 
