@@ -186,9 +186,9 @@ class NativeLayers:
         if m == 0:
             return
         # the C code writes at these places: never outside the slabs
-        if not (0 <= int(rows64.min()) and int(rows64.max()) < self.slab_rows):
+        if not (int(rows64.min()) >= 0 and int(rows64.max()) < self.slab_rows):
             raise IndexError("a row outside the key/value slabs")
-        if not (0 <= int(positions64.min()) and int(positions64.max()) < self.shape.max_length):
+        if not (int(positions64.min()) >= 0 and int(positions64.max()) < self.shape.max_length):
             raise IndexError("a position outside the key/value slabs")
         self.shape.threads = torch.get_num_threads()
         lib = kernel.library()
