@@ -131,3 +131,53 @@ def test_positions_outside_the_slabs_are_refused(tiny_int8: Any) -> None:
     r = make(tiny_int8, PROMPTS[:1])
     with pytest.raises(IndexError, match="position outside"):
         r.step(torch.tensor([5]), torch.tensor([128]))
+
+
+def test_a_chunk_riding_along_a_step_is_bitwise_the_prompt_read_alone(tiny_int8: Any) -> None:
+    running, prompt = PROMPTS[0], PROMPTS[4]
+    mixed = make(tiny_int8, [running, [1]])
+    mixed.remove_block(1)
+    token, position = running[-1], len(running) - 1
+    mixed.begin_block(prompt)
+    rides = 0
+    while mixed.prefill_some(5):
+        assert mixed._chunk is not None  # waiting for the step
+        token, position, rides = (
+            int(mixed.step(torch.tensor([token]), torch.tensor([position])).argmax()),
+            position + 1,
+            rides + 1,
+        )
+    assert rides > 3 and mixed._chunk is not None  # the last chunk rides along the joined block's first step
+    alone = make(tiny_int8, [prompt])
+    together = steps(mixed, [[*([0] * position), token], prompt])
+    for a, b in zip(together, steps(alone, [prompt]), strict=True):
+        assert torch.equal(a[1:], b)
+    filled = len(prompt) - 1
+    for a, b in zip(alone.keys + alone.values, mixed.keys + mixed.values, strict=True):
+        assert torch.equal(a[0, :, :filled], b[1, :, :filled])
+
+
+def test_a_step_that_fails_with_a_chunk_reads_the_chunk_again(tiny_int8: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    running, prompt = PROMPTS[0], PROMPTS[4]
+    r = make(tiny_int8, [running, [1]])
+    r.remove_block(1)
+    r.begin_block(prompt)
+    assert r.prefill_some(4) == len(prompt) - 1 - 4
+    assert r.prefill_some(4) == len(prompt) - 1 - 8  # the first chunk was read alone, the second waits
+    native = r.native
+    assert native is not None
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(native, "run", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        r.step(torch.tensor([running[-1]]), torch.tensor([len(running) - 1]))
+    monkeypatch.undo()
+    assert r.joining is not None and r.joining.filled == 4  # the lost chunk is read again
+    assert r.prefill_some(None) == 0
+    r.remove_block(0)  # reads the waiting chunk first; the joined block moves to row 0
+    alone = make(tiny_int8, [prompt])
+    filled = len(prompt) - 1
+    for a, b in zip(alone.keys + alone.values, r.keys + r.values, strict=True):
+        assert torch.equal(a[0, :, :filled], b[0, :, :filled])

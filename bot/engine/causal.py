@@ -68,6 +68,15 @@ def check_supported(config: Any) -> None:
 
 
 @dataclass
+class _Chunk:
+    """Prompt tokens of block `block` from position `start`, to run with the next step (C layers)."""
+
+    block: int
+    tokens: list[int]
+    start: int
+
+
+@dataclass
 class _Joining:
     """A block still reading its prompt: positions `[:filled]` of its row are written, of `target`."""
 
@@ -118,6 +127,9 @@ class CausalRunner:
         self.prefix_cache = prefix_cache
         self.compute_dtype = self.body.norm.weight.dtype
         self.joining: _Joining | None = None  # a block whose prompt is being read in, chunk by chunk
+        # With the C layers, a chunk read while other blocks run waits for the next step and goes
+        # through the layers with it, so the weights are read once for both (`prefill_some`).
+        self._chunk: _Chunk | None = None
         self.attend_bucket = attend_bucket  # None: every step attends over the whole slab
         # int8: q/k/v and gate/up become one Linear each (bitwise the same results, fewer calls)
         self._fused = [_fuse_layer(layer) if fuse else (None, None) for layer in self.body.layers]
@@ -170,6 +182,7 @@ class CausalRunner:
         copied in at once. The joining block sits in the row after the last block, so steps (over
         rows `[:blocks]`) leave it alone until it has joined; one block joins at a time.
         """
+        self._run_chunk()
         if self.blocks >= self.max_blocks:
             raise RuntimeError("no free block")
         if self.joining is not None:
@@ -188,13 +201,20 @@ class CausalRunner:
         """Read up to `budget` more tokens of the joining block's prompt (None: all of it).
 
         Returns how many are left; at 0 the block has joined, as the last block (`blocks - 1`).
+        With the C layers and other blocks running, the chunk is read by the next `step`, which
+        the scheduler runs next anyway; any other call reads it first.
         """
+        self._run_chunk()
         joining = self.joining
         if joining is None:
             raise RuntimeError("no block is joining")
         end = joining.target if budget is None else min(joining.target, joining.filled + budget)
         if end > joining.filled:
-            self._prefill(self.blocks, joining.tokens[joining.filled : end], joining.filled)
+            tokens = joining.tokens[joining.filled : end]
+            if self.native is not None and self.blocks:
+                self._chunk = _Chunk(self.blocks, tokens, joining.filled)
+            else:
+                self._prefill(self.blocks, tokens, joining.filled)
             joining.filled = end
         left = joining.target - joining.filled
         if not left:
@@ -204,7 +224,24 @@ class CausalRunner:
 
     def cancel_joining(self) -> None:
         """Forget the joining block (its request failed or gave up)."""
+        if self._chunk is not None and self._chunk.block == self.blocks:
+            self._chunk = None  # it was the joining block's
         self.joining = None
+
+    def _run_chunk(self) -> None:
+        """Read the chunk waiting for a step now, alone."""
+        chunk, self._chunk = self._chunk, None
+        if chunk is not None:
+            try:
+                self._prefill(chunk.block, chunk.tokens, chunk.start)
+            except BaseException:
+                self._lost(chunk)
+                raise
+
+    def _lost(self, chunk: _Chunk) -> None:
+        """A chunk that failed: a block still joining reads it again (a joined one fails with the batch)."""
+        if self.joining is not None and chunk.block == self.blocks:
+            self.joining.filled = min(self.joining.filled, chunk.start)
 
     def _copy_cached(self, block: int, tokens: list[int]) -> int:
         """Copy the longest cached prefix of `tokens` into the row; returns its length."""
@@ -298,6 +335,7 @@ class CausalRunner:
     @torch.inference_mode()
     def retain(self, block: int, tokens: list[int], prompt_length: int, *, pinned: bool = False) -> bool:
         """Keep a finished row's first `len(tokens)` positions in the prefix cache (if there is one)."""
+        self._run_chunk()
         if self.prefix_cache is None or not 0 < len(tokens) <= self.max_length:
             return False
         n = len(tokens)
@@ -312,6 +350,7 @@ class CausalRunner:
 
     def remove_block(self, block: int) -> None:
         """Drop a finished block: the last block moves into its place, keeping rows packed."""
+        self._run_chunk()
         if not 0 <= block < self.blocks:
             raise IndexError(block)
         last = self.blocks - 1
@@ -328,25 +367,27 @@ class CausalRunner:
         """Drop every block, and the joining one (the slabs' contents are overwritten by the next prompts)."""
         self.blocks = 0
         self.joining = None
+        self._chunk = None
 
     def reorder_rows(self, order: torch.Tensor, filled: int) -> None:
         """Row i takes the cache of row `order[i]` (never needed while every request has one row)."""
+        self._run_chunk()
         reorder_rows((*self.keys, *self.values), self.rows, order, filled)
 
     # ----- one decoding step --------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed each active row its newest token at its position; returns fp32 logits [rows, vocab]."""
+        """Feed each active row its newest token at its position; returns fp32 logits [rows, vocab].
+
+        A prompt chunk waiting for this step (`prefill_some`) goes through the C layers with it.
+        """
+        if self.native is not None:
+            return self._step_native(tokens, positions)
         rows = self.rows
         body = self.body
         row_index = torch.arange(rows, device=self.device)
         hidden = body.embed_tokens(tokens)
-        if self.native is not None:
-            hidden = hidden.float().contiguous()
-            cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
-            self.native.run(hidden, row_index, positions, cos[:, 0], sin[:, 0])
-            return self.model.lm_head(body.norm(hidden)).float()
         cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
         spans = self._attention_spans(positions)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -377,6 +418,26 @@ class CausalRunner:
             else:
                 hidden = hidden + layer.mlp(x)
         return self.model.lm_head(body.norm(hidden)).float()
+
+    def _step_native(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        assert self.native is not None
+        rows, body = self.rows, self.body
+        slab_rows = torch.arange(rows, device=self.device)
+        chunk, self._chunk = self._chunk, None
+        if chunk is not None:  # its tokens ride along: rows after the step's own
+            count = len(chunk.tokens)
+            tokens = torch.cat((tokens, torch.tensor(chunk.tokens, device=self.device)))
+            positions = torch.cat((positions, torch.arange(chunk.start, chunk.start + count, device=self.device)))
+            slab_rows = torch.cat((slab_rows, torch.full((count,), chunk.block, device=self.device)))
+        hidden = body.embed_tokens(tokens).float().contiguous()
+        cos, sin = body.rotary_emb(hidden, positions[:, None])  # [rows, 1, head_dim]
+        try:
+            self.native.run(hidden, slab_rows, positions, cos[:, 0], sin[:, 0])
+        except BaseException:
+            if chunk is not None:
+                self._lost(chunk)
+            raise
+        return self.model.lm_head(body.norm(hidden[:rows])).float()
 
     def _attention_spans(self, positions: torch.Tensor) -> list[tuple[slice | torch.Tensor, int, torch.Tensor]]:
         """Rows that attend together: (their rows, how many slots they read, their mask [n, 1, 1, slots]).
