@@ -66,7 +66,9 @@ class Settings:
     context_tokens: int | None = None  # None: the model's own limit, capped at 2048
     sampling: bool = True  # False: always greedy, whatever the model's generation_config says
     prefix_cache_mb: int | None = None  # finished conversations' keys/values kept; None: as much as the slabs
-    prefill_chunk_tokens: int = 64  # a new prompt is read in this many tokens per step while replies run; 0: whole
+    # a new prompt is read in this many tokens per step while replies run; 0: whole; None (auto): as many
+    # as keep a step within twice a plain one (bot/engine/step_budget.py)
+    prefill_chunk_tokens: int | None = None
     # Shards: None = as many as Discord recommends, all run by this process.
     shard_count: int | None = None
     shard_ids: tuple[int, ...] | None = None  # None: every shard of shard_count (needs shard_count)
@@ -93,6 +95,20 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
             bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
             raise SettingsError(f"{key} must be {bounds}, got {value}")
         return value
+
+    return parse
+
+
+def _auto_or_int(minimum: int, maximum: int) -> Callable[[str, str], int | None]:
+    whole = _int(minimum, maximum)
+
+    def parse(key: str, raw: str) -> int | None:
+        if raw.lower() == "auto":
+            return None
+        try:
+            return whole(key, raw)
+        except SettingsError:
+            raise SettingsError(f"{key} must be auto or a whole number between {minimum} and {maximum}, got {raw!r}") from None
 
     return parse
 
@@ -248,7 +264,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "CONTEXT_TOKENS": ("context_tokens", _int(256, 131072)),
     "SAMPLING": ("sampling", _bool),
     "PREFIX_CACHE_MB": ("prefix_cache_mb", _int(0, 1_000_000)),
-    "PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", _int(0, 131072)),
+    "PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", _auto_or_int(0, 131072)),
     "SHARD_COUNT": ("shard_count", _int(1, 100_000)),
     "SHARD_IDS": ("shard_ids", _shard_ids),
     "METRICS_PORT": ("metrics_port", _int(1, 65535)),

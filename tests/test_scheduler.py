@@ -123,7 +123,7 @@ class FakeRunner:
         return logits
 
 
-def scheduler(runner: FakeRunner, *, max_queue: int = 8, chunk: int = 0) -> Scheduler:
+def scheduler(runner: FakeRunner, *, max_queue: int = 8, chunk: int | None = 0) -> Scheduler:
     return Scheduler(
         runner,  # type: ignore[arg-type]
         PLAN,
@@ -356,6 +356,22 @@ def test_a_long_prompt_joins_in_chunks_while_the_batch_keeps_stepping() -> None:
     rounds(s, 2)
     assert answers.names == ["joining", "first"]
     assert answers.of("joining") == (reply(2), None) and answers.of("first") == (reply(6), None)
+
+
+def test_auto_chunks_follow_the_measured_step_budget() -> None:
+    runner, answers = FakeRunner(max_blocks=3, chunked=True), Answers()
+    s = scheduler(runner, chunk=None)
+    s.step_budget.first = 3
+    s.submit(answers.sequence("first", 8))
+    rounds(s, 2)  # plain steps, measured
+    assert s.step_budget.plain_seconds is not None and s.step_budget.token_seconds is None
+    s.submit(answers.sequence("joining", 2, prompt=11))
+    rounds(s, 1)
+    assert s.step_budget.token_seconds is not None  # the round with 3 prompt tokens was measured too
+    s.step_budget.tokens = lambda: 5  # type: ignore[method-assign]
+    rounds(s, 2)
+    chunks = [c[2] for c in runner.calls if c[0] == "chunk" and c[1] == 2]
+    assert chunks == [3, 5, 2]
 
 
 def test_a_joining_request_past_its_deadline_fails_alone() -> None:

@@ -95,6 +95,8 @@ def test_empty_values_mean_default() -> None:
         ("SERVE_PORT", "0"),
         ("SERVE_PORT", "65536"),
         ("SERVE_REPLICAS", "0"),
+        ("PREFILL_CHUNK_TOKENS", "some"),
+        ("PREFILL_CHUNK_TOKENS", "-1"),
     ],
 )
 def test_bad_value_names_the_key_in_one_line(key: str, value: str) -> None:
@@ -136,6 +138,11 @@ def test_env_example_documents_every_key() -> None:
     example = (Path(__file__).parent.parent / ".env.example").read_text()
     documented = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line and not line.startswith("#")}
     assert documented == set(SETTING_KEYS)
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [("", None), ("auto", None), ("AUTO", None), ("0", 0), ("16", 16)])
+def test_prefill_chunk_tokens_is_auto_or_a_count(raw: str, parsed: int | None) -> None:
+    assert load_settings({"PREFILL_CHUNK_TOKENS": raw}, env_file=None).prefill_chunk_tokens == parsed
 
 
 def test_chat_model_defaults() -> None:

@@ -68,8 +68,9 @@ class EngineConfig:
     # MB: None, as much as the attention slabs take (max_batch full context windows); 0, none.
     prefix_cache_mb: int | None = None
     # While replies are being written, a new prompt is read in at most this many tokens per decoding
-    # step, so they keep streaming while it joins; 0: every prompt is read in at once.
-    prefill_chunk_tokens: int = 64
+    # step, so they keep streaming while it joins; 0: every prompt is read in at once; None (auto):
+    # as many as keep a step within twice a plain one, measured as it runs (bot/engine/step_budget.py).
+    prefill_chunk_tokens: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:

@@ -32,6 +32,7 @@ import torch
 from bot.engine.decoding import DecodingPlan, Search, logits_processors, new_search
 from bot.engine.errors import EngineBusy, EngineClosed, EngineError, GenerationTimeout
 from bot.engine.runner import ChunkedRunner, Runner, can_chunk, move_rows, step_batch
+from bot.engine.step_budget import StepBudget
 
 __all__ = ["LoopCounters", "Request", "Runner", "Scheduler", "Sequence", "Status"]
 
@@ -111,14 +112,17 @@ class Scheduler:
         decode: Callable[[list[int]], str],
         *,
         max_queue: int,
-        prefill_chunk_tokens: int = 0,
+        prefill_chunk_tokens: int | None = 0,
         decoder_start: DecoderStart,
     ) -> None:
         self.runner = runner
         self.decoder_start = decoder_start
         # While replies are running, a new prompt is read in at most this many tokens per step
-        # (0: at once when it joins); only runners that can (`begin_block`, the causal one) do.
+        # (0: at once when it joins; None: as many as keep a step within 2x a plain one, measured
+        # by `StepBudget`); only runners that can (`begin_block`, the causal one) do.
         self.prefill_chunk_tokens = prefill_chunk_tokens if can_chunk(runner) else 0
+        self.step_budget = StepBudget()
+        self._read_this_round = 0  # prompt tokens read in since the round began
         self._joining: Sequence | None = None  # the sequence whose prompt is being read in
         self.plan = plan
         self.generation_config = generation_config
@@ -174,10 +178,13 @@ class Scheduler:
         self.beat = time.monotonic()
         if not self._running and self._joining is None and not self._admit(block=True):
             return
-        self.beat = time.monotonic()
+        self.beat = began = time.monotonic()
+        self._read_this_round = 0
         self._admit(block=False)
         if self._running:
             self._step()
+            if self.prefill_chunk_tokens is None:
+                self.step_budget.record(time.monotonic() - began, self._read_this_round)
         self._expire()
 
     def _recover(self, exc: Exception) -> None:
@@ -223,7 +230,7 @@ class Scheduler:
         tokens per step, all joining sequences together: one that does not fit in what is left
         stays joining (`_read_joining`) and is read on over the next steps, before any other.
         """
-        budget = self.prefill_chunk_tokens if self._running else 0
+        budget = self._chunk_budget() if self._running else 0
         if self._joining is not None:
             budget = self._read_joining(budget)
         while len(self._running) < self.runner.max_blocks and self._joining is None:
@@ -244,7 +251,7 @@ class Scheduler:
                 continue
             seq.admitted = now
             try:
-                if self.prefill_chunk_tokens and self._running:
+                if self.prefill_chunk_tokens != 0 and self._running:
                     left = cast(ChunkedRunner, self.runner).begin_block(seq.input_ids)
                     seq.cached = len(seq.input_ids) - 1 - left
                     seq.status = Status.JOINING
@@ -259,6 +266,10 @@ class Scheduler:
             self._start(seq, slot)
         return True
 
+    def _chunk_budget(self) -> int:
+        fixed = self.prefill_chunk_tokens
+        return self.step_budget.tokens() if fixed is None else fixed
+
     def _read_joining(self, budget: int) -> int:
         """Read up to `budget` more tokens of the joining sequence's prompt (all the rest when nothing
         else runs); start it once read. Returns what is left of the budget."""
@@ -270,6 +281,7 @@ class Scheduler:
         try:
             if take or not left:
                 left = runner.prefill_some(take)
+                self._read_this_round += take
         except Exception as exc:
             log.exception("could not read a prompt in")
             runner.cancel_joining()

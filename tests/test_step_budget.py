@@ -1,0 +1,34 @@
+"""`StepBudget`: prompt tokens per step that keep a step within twice a plain one, from measured rounds."""
+
+from __future__ import annotations
+
+from bot.engine.step_budget import StepBudget
+
+
+def test_before_anything_is_measured_it_reads_a_few_tokens() -> None:
+    budget = StepBudget(first=4)
+    assert budget.tokens() == 4
+    budget.record(0.5, 8)  # a round with prompt tokens but no plain step to compare with
+    assert budget.tokens() == 4
+
+
+def test_the_budget_fills_the_allowed_extra_time() -> None:
+    budget = StepBudget(limit=2.0, headroom=0.8)
+    budget.record(0.020, 0)  # plain steps of 20 ms
+    budget.record(0.070, 10)  # 10 tokens added 50 ms: 5 ms a token
+    assert budget.token_seconds is not None and abs(budget.token_seconds - 0.005) < 1e-12
+    assert budget.tokens() == 3  # 0.8 x 20 ms of extra time / 5 ms
+    for _ in range(40):  # the machine got faster at prompts: 1 ms a token
+        budget.record(0.030, 10)
+    assert budget.tokens() == 15
+
+
+def test_the_budget_stays_between_one_token_and_its_most() -> None:
+    slow = StepBudget(most=64)
+    slow.record(0.010, 0)
+    slow.record(5.0, 1)
+    assert slow.tokens() == 1
+    fast = StepBudget(most=64)
+    fast.record(0.050, 0)
+    fast.record(0.050, 100)  # no measurable cost
+    assert fast.tokens() == 64
