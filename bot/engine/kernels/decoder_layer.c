@@ -47,6 +47,7 @@ typedef struct {
 } Shape;
 
 #define KEY_BLOCK 64 /* positions attended per pass: a block of keys or values stays in L1 for every query head */
+#define RUN_ROWS 16  /* prompt tokens attended together: their key blocks are read (and converted) once */
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -120,49 +121,100 @@ static const float *slab_block(const void *slab, int bf16, int64_t offset, int64
     return scratch;
 }
 
-/* Softmax attention of the `groups` query heads of one key/value head over positions [0, length).
- * q: [groups][d] (already scaled), out: [groups][d]; scores: [groups][length] scratch; block: scratch. */
-static void attend_head(const float *q, const void *keys, const void *values, int bf16, int64_t base, int64_t length,
-                        int64_t groups, int64_t d, float *scores, float *block, float *out) {
-    for (int64_t t0 = 0; t0 < length; t0 += KEY_BLOCK) {
-        const int64_t count = length - t0 < KEY_BLOCK ? length - t0 : KEY_BLOCK;
-        const float *k = slab_block(keys, bf16, base + t0 * d, count, d, block);
-        for (int64_t g = 0; g < groups; g++) {
-            const float *qg = q + g * d;
-            for (int64_t t = 0; t < count; t++) {
-                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(k + t * d));
-                for (int64_t i = 8; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(k + t * d + i), acc);
-                scores[g * length + t0 + t] = hsum_ps(acc);
+/* scores[t] = q . k[t] for n keys of d values: four keys at a time, so four sums run side by side
+ * instead of one chain of dependent multiply-adds. A key's sum is taken the same way wherever it falls. */
+static inline void dot_keys(const float *q, const float *k, int64_t n, int64_t d, float *scores) {
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float *k0 = k + t * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < d; j += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + j);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), a3);
+        }
+        scores[t] = hsum_ps(a0), scores[t + 1] = hsum_ps(a1), scores[t + 2] = hsum_ps(a2), scores[t + 3] = hsum_ps(a3);
+    }
+    for (; t < n; t++) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < d; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(k + t * d + j), a0);
+        scores[t] = hsum_ps(a0);
+    }
+}
+
+/* out[:d] += sum over t < n of p[t] * v[t]: up to 64 values of out held in registers across the keys
+ * (eight independent sums), a wider head in slices of 64. */
+static inline void add_weighted(const float *p, const float *v, int64_t n, int64_t d, float *out) {
+    for (int64_t j0 = 0; j0 < d; j0 += 64) {
+        const int64_t lanes = (d - j0 < 64 ? d - j0 : 64) / 8;
+        __m256 acc[8];
+        for (int64_t c = 0; c < 8; c++) acc[c] = c < lanes ? _mm256_loadu_ps(out + j0 + 8 * c) : _mm256_setzero_ps();
+        if (lanes == 8) {
+            for (int64_t t = 0; t < n; t++) {
+                const __m256 w = _mm256_set1_ps(p[t]);
+                const float *vt = v + t * d + j0;
+                for (int64_t c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+            }
+        } else {
+            for (int64_t t = 0; t < n; t++) {
+                const __m256 w = _mm256_set1_ps(p[t]);
+                const float *vt = v + t * d + j0;
+                for (int64_t c = 0; c < lanes; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * c), acc[c]);
             }
         }
+        for (int64_t c = 0; c < lanes; c++) _mm256_storeu_ps(out + j0 + 8 * c, acc[c]);
     }
-    for (int64_t g = 0; g < groups; g++) {
-        float *s = scores + g * length, top = -INFINITY, total = 0.0f;
-        for (int64_t t = 0; t < length; t++) top = fmaxf(top, s[t]);
-        int64_t t = 0;
-        __m256 sum = _mm256_setzero_ps();
-        for (; t + 8 <= length; t += 8) {
-            const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(s + t, e);
-            sum = _mm256_add_ps(sum, e);
+}
+
+/* Softmax attention of `count` rows of one slab row (a prompt's tokens; a decoding row is a run of
+ * one), each over its own first `lengths[i]` positions, for the `groups` query heads of one key/value
+ * head. Row i's queries are q + i * q_stride ([groups][d], already scaled), its output out + i * out_stride.
+ * A block of keys or values is converted from bf16 once for all the rows; each row's arithmetic is
+ * the same whatever rows share the run. scores: scratch of sum(lengths) * groups; block: KEY_BLOCK * d. */
+static void attend_run(const float *q, int64_t q_stride, const int64_t *lengths, int64_t count, const void *keys,
+                       const void *values, int bf16, int64_t base, int64_t groups, int64_t d, float *scores,
+                       float *block, float *out, int64_t out_stride) {
+    int64_t longest = 0;
+    for (int64_t i = 0; i < count; i++) longest = lengths[i] > longest ? lengths[i] : longest;
+    for (int64_t t0 = 0; t0 < longest; t0 += KEY_BLOCK) {
+        const int64_t size = longest - t0 < KEY_BLOCK ? longest - t0 : KEY_BLOCK;
+        const float *k = slab_block(keys, bf16, base + t0 * d, size, d, block);
+        float *row_scores = scores;
+        for (int64_t i = 0; i < count; row_scores += groups * lengths[i], i++) {
+            const int64_t n = lengths[i] - t0 < size ? lengths[i] - t0 : size;
+            for (int64_t g = 0; g < groups; g++) dot_keys(q + i * q_stride + g * d, k, n, d, row_scores + g * lengths[i] + t0);
         }
-        total = hsum_ps(sum);
-        for (; t < length; t++) total += (s[t] = exp_one(s[t] - top));
-        const float inv = 1.0f / total;
-        for (t = 0; t < length; t++) s[t] *= inv;
-        memset(out + g * d, 0, sizeof(float) * (size_t)d);
     }
-    for (int64_t t0 = 0; t0 < length; t0 += KEY_BLOCK) {
-        const int64_t count = length - t0 < KEY_BLOCK ? length - t0 : KEY_BLOCK;
-        const float *v = slab_block(values, bf16, base + t0 * d, count, d, block);
+    float *row_scores = scores;
+    for (int64_t i = 0; i < count; row_scores += groups * lengths[i], i++) {
+        const int64_t length = lengths[i];
         for (int64_t g = 0; g < groups; g++) {
-            const float *p = scores + g * length + t0;
-            float *og = out + g * d;
-            for (int64_t i = 0; i < d; i += 8) {
-                __m256 acc = _mm256_loadu_ps(og + i);
-                for (int64_t t = 0; t < count; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * d + i), acc);
-                _mm256_storeu_ps(og + i, acc);
+            float *sc = row_scores + g * length, top = -INFINITY, total;
+            for (int64_t t = 0; t < length; t++) top = fmaxf(top, sc[t]);
+            int64_t t = 0;
+            __m256 sum = _mm256_setzero_ps();
+            for (; t + 8 <= length; t += 8) {
+                const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(top)));
+                _mm256_storeu_ps(sc + t, e);
+                sum = _mm256_add_ps(sum, e);
             }
+            total = hsum_ps(sum);
+            for (; t < length; t++) total += (sc[t] = exp_one(sc[t] - top));
+            const float inv = 1.0f / total;
+            for (t = 0; t < length; t++) sc[t] *= inv;
+            memset(out + i * out_stride + g * d, 0, sizeof(float) * (size_t)d);
+        }
+    }
+    for (int64_t t0 = 0; t0 < longest; t0 += KEY_BLOCK) {
+        const int64_t size = longest - t0 < KEY_BLOCK ? longest - t0 : KEY_BLOCK;
+        const float *v = slab_block(values, bf16, base + t0 * d, size, d, block);
+        float *row_scores = scores;
+        for (int64_t i = 0; i < count; row_scores += groups * lengths[i], i++) {
+            const int64_t n = lengths[i] - t0 < size ? lengths[i] - t0 : size;
+            for (int64_t g = 0; g < groups; g++)
+                add_weighted(row_scores + g * lengths[i] + t0, v, n, d, out + i * out_stride + g * d);
         }
     }
 }
@@ -181,19 +233,32 @@ int decoder_layers(const Shape *s, const Layer *layers, int64_t layer_count, flo
                    const int64_t *rows, const int64_t *positions, const float *cos, const float *sin) {
     const int64_t h = s->hidden, d = s->head_dim, groups = s->heads / s->kv_heads;
     const int64_t q_size = s->heads * d, kv_size = s->kv_heads * d, qkv_size = q_size + 2 * kv_size;
-    const int64_t inter = s->intermediate, tasks = m * s->kv_heads;
+    const int64_t inter = s->intermediate;
     const int threads = s->threads < 1 ? 1 : s->threads;
-    int64_t longest = 1;
-    for (int64_t r = 0; r < m; r++) longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
+    /* runs of rows in one slab row at consecutive positions (a prompt's chunk), at most RUN_ROWS long */
+    int64_t *run_start = malloc(sizeof(int64_t) * (size_t)(m + 1)), *lengths = malloc(sizeof(int64_t) * (size_t)m);
+    int64_t runs = 0, run_scores = 1;
+    for (int64_t r = 0; run_start && lengths && r < m; r++) {
+        lengths[r] = positions[r] + 1;
+        if (r == 0 || rows[r] != rows[r - 1] || positions[r] != positions[r - 1] + 1 || r - run_start[runs - 1] >= RUN_ROWS)
+            run_start[runs++] = r;
+    }
+    if (run_start) run_start[runs] = m;
+    for (int64_t i = 0; run_start && lengths && i < runs; i++) {
+        int64_t total = 0;
+        for (int64_t r = run_start[i]; r < run_start[i + 1]; r++) total += lengths[r];
+        run_scores = total > run_scores ? total : run_scores;
+    }
+    const int64_t tasks = runs * s->kv_heads;
     float *x = malloc(sizeof(float) * (size_t)(m * h));
     float *qkv = malloc(sizeof(float) * (size_t)(m * qkv_size));
     float *attn = malloc(sizeof(float) * (size_t)(m * q_size));
     float *gate_up = malloc(sizeof(float) * (size_t)(m * 2 * inter));
     float *act = malloc(sizeof(float) * (size_t)(m * inter));
-    /* per thread: scores [groups][longest] and a block of keys or values converted from bf16 */
-    const int64_t per_thread = groups * longest + KEY_BLOCK * d;
+    /* per thread: a run's scores and a block of keys or values converted from bf16 */
+    const int64_t per_thread = groups * run_scores + KEY_BLOCK * d;
     float *work = malloc(sizeof(float) * (size_t)(threads * per_thread));
-    int failed = !x || !qkv || !attn || !gate_up || !act || !work;
+    int failed = !x || !qkv || !attn || !gate_up || !act || !work || !run_start || !lengths;
     for (int64_t l = 0; l < layer_count && !failed; l++) {
         const Layer *layer = layers + l;
         for (int64_t r = 0; r < m; r++) rms_norm(hidden + r * h, layer->input_norm, h, s->eps, x + r * h);
@@ -220,11 +285,12 @@ int decoder_layers(const Shape *s, const Layer *layers, int64_t layer_count, flo
         }
         #pragma omp parallel for num_threads(threads) schedule(static, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t r = task / s->kv_heads, head = task % s->kv_heads;
+            const int64_t run = task / s->kv_heads, head = task % s->kv_heads, r = run_start[run];
             float *mine = work + (int64_t)omp_get_thread_num() * per_thread;
             const int64_t base = (rows[r] * s->kv_heads + head) * s->max_length * d;
-            attend_head(qkv + r * qkv_size + head * groups * d, layer->keys, layer->values, s->bf16_cache, base,
-                        positions[r] + 1, groups, d, mine, mine + groups * longest, attn + r * q_size + head * groups * d);
+            attend_run(qkv + r * qkv_size + head * groups * d, qkv_size, lengths + r, run_start[run + 1] - r, layer->keys,
+                       layer->values, s->bf16_cache, base, groups, d, mine, mine + groups * run_scores,
+                       attn + r * q_size + head * groups * d, q_size);
         }
         if (linear(&layer->o, attn, m, x, threads)) { failed = 1; break; }
         add_into(hidden, x, m * h);
@@ -244,6 +310,6 @@ int decoder_layers(const Shape *s, const Layer *layers, int64_t layer_count, flo
         if (linear(&layer->down, act, m, x, threads)) { failed = 1; break; }
         add_into(hidden, x, m * h);
     }
-    free(x), free(qkv), free(attn), free(gate_up), free(act), free(work);
+    free(x), free(qkv), free(attn), free(gate_up), free(act), free(work), free(run_start), free(lengths);
     return failed ? -1 : 0;
 }
