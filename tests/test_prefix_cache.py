@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bot.core.types import Turn
-from bot.engine import Engine, causal, chat_prompt
+from bot.engine import Engine, causal, chat_prompt, kernel
 from bot.engine.chat_prompt import build_chat_ids, render_chat_ids
 from bot.engine.prefix_cache import PrefixCache, common_prefix
 from tests.engine_spies import record_tokens
@@ -164,6 +164,29 @@ async def test_replies_with_the_cache_equal_replies_without_it(
                 assert counters.prefilled_tokens < counters.reused_tokens / 2
     assert tokens[0] == tokens[1]
     assert len({tuple(t) for t in tokens[0]}) > 3
+
+
+@pytest.mark.skipif(not kernel.available(), reason="the C decoder layers need the int8 kernel")
+async def test_with_the_c_layers_a_cached_prompt_is_bitwise_the_prompt_read_whole(tiny_chat_model_dir: Path) -> None:
+    """int8 through the C layers: a token's keys/values are the same whether a decoding step or a
+    prefill computed them, so the cache changes no bit, and replies are token for token."""
+    tokens: list[list[list[int]]] = []
+    slabs = []
+    for cache_mb in (0, None):
+        async with Engine(chat_config(tiny_chat_model_dir, precision="int8", prefix_cache_mb=cache_mb)) as engine:
+            runner = engine._scheduler.runner
+            assert runner.native is not None
+            seen = record_tokens(engine)
+            histories = await converse(engine, channels=2, turns=4)
+            tokens.append(seen)
+            prompt = engine.encode_prompt([*histories[0], Turn("user", "and one more thing", speaker="user0")])
+            block = runner.add_block(prompt)
+            slabs.append([slab[block, :, : len(prompt) - 1].clone() for slab in (*runner.keys, *runner.values)])
+            runner.remove_block(block)
+            if cache_mb is None:
+                assert runner.prefix_cache.counters.reused_tokens > runner.prefix_cache.counters.prefilled_tokens
+    assert tokens[0] == tokens[1]
+    assert all(torch.equal(a, b) for a, b in zip(*slabs, strict=True))
 
 
 async def test_int8_batched_equals_one_at_a_time_with_the_cache(tiny_chat_model_dir: Path) -> None:
