@@ -8,7 +8,8 @@ cache (PREFIX_CACHE_MB=0), which prefills the whole history each time.
 
 Then chunked prefill: a 60-token reply is running when the first tenth prompt (uncached) is sent;
 the running reply's step times and the long prompt's first token are measured with the prompt read
-at once (chunks off) and in chunks of 16 and 64 tokens per step.
+at once (chunks off), by the measured budget (`PREFILL_CHUNK_TOKENS=auto`, the default) and in
+chunks of 16 tokens per step.
 
 Run alone: `python -m bench.conversation` (builds the random Qwen2.5-0.5B-shaped model if needed).
 """
@@ -94,7 +95,7 @@ async def first_words(engine: Any, history: list[Turn]) -> float:
     return stamps[0] - started
 
 
-async def joining(model_dir: Path, long: list[Turn], chunk: int) -> dict[str, Any]:
+async def joining(model_dir: Path, long: list[Turn], chunk: int | None) -> dict[str, Any]:
     """A 60-token reply runs; after its 5th token the long prompt (uncached) is sent. How long do the
     running reply's steps take while the long one is read in, and when does the long one's first token come?"""
     from dataclasses import replace
@@ -133,7 +134,7 @@ async def measure(model_dir: Path) -> dict[str, Any]:
     async with Engine(engine_config(model_dir, 0)) as engine:
         await engine.reply(history[:1])  # warm-up
         out["uncached_s"] = [await first_words(engine, h) for h in tenth]
-    out["joining"] = [await joining(model_dir, tenth[0], chunk) for chunk in (0, 16, 64)]
+    out["joining"] = [await joining(model_dir, tenth[0], chunk) for chunk in (0, None, 16)]
     out["cached_median_s"] = sorted(out["cached_s"])[1]
     out["uncached_median_s"] = sorted(out["uncached_s"])[1]
     return out
@@ -153,9 +154,10 @@ def summary(out: dict[str, Any]) -> list[str]:
     lines = [how, result]
     for j in out.get("joining", []):
         longest, normal = j["longest_step_s"], j["normal_step_s"]
+        how_read = {0: "at once", None: "by the measured budget (auto)"}.get(j["chunk"], f"{j['chunk']} tokens a step")
         lines.append(
-            f"    while a {tokens[0]}-token prompt joins a running reply, read {j['chunk'] or 'at once'}"
-            f"{' tokens a step' if j['chunk'] else ''}: the running reply's longest step {longest:.2f}s "
+            f"    while a {tokens[0]}-token prompt joins a running reply, read {how_read}"
+            f": the running reply's longest step {longest:.2f}s "
             f"({longest / normal:.1f}x its normal {normal * 1000:.0f} ms); "
             f"the joining reply's first token after {j['long_first_token_s']:.2f}s"
         )
