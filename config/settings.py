@@ -108,7 +108,9 @@ def _auto_or_int(minimum: int, maximum: int) -> Callable[[str, str], int | None]
         try:
             return whole(key, raw)
         except SettingsError:
-            raise SettingsError(f"{key} must be auto or a whole number between {minimum} and {maximum}, got {raw!r}") from None
+            raise SettingsError(
+                f"{key} must be auto or a whole number between {minimum} and {maximum}, got {raw!r}"
+            ) from None
 
     return parse
 
