@@ -81,6 +81,7 @@ class RowwiseInt8Linear(nn.Module):
         self.uses_kernel = kernel.available()
         if self.uses_kernel:
             self.packed = kernel.pack(rows)
+            self.register_buffer("sums128", kernel.sums128(rows), persistent=False)
             return
         with warnings.catch_warnings():  # "quantized tensor creation functions are deprecated" (torch 2.13)
             warnings.simplefilter("ignore")
@@ -139,7 +140,7 @@ class RowwiseInt8Linear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, self.in_features).float()
         if self.uses_kernel:
-            out = kernel.linear(rows.contiguous(), self.packed, self.scales, self.bias, self.out_features)
+            out = kernel.linear(rows.contiguous(), self.packed, self.sums128, self.scales, self.bias, self.out_features)
             return out.reshape(*shape[:-1], self.out_features)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # faster than vector_norm(inf) on CPU
         if torch.is_inference_mode_enabled():

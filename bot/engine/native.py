@@ -23,6 +23,7 @@ c_int64, c_float, c_int32, c_void_p = ctypes.c_int64, ctypes.c_float, ctypes.c_i
 class _Int8Matrix(ctypes.Structure):
     _fields_ = [
         ("packed", c_void_p),
+        ("sums128", c_void_p),
         ("scales", c_void_p),
         ("bias", c_void_p),
         ("n", c_int64),
@@ -75,6 +76,7 @@ def _matrix(linear: Any, name: str) -> _Int8Matrix:
     packed = linear.packed
     return _Int8Matrix(
         packed.data_ptr(),
+        linear.sums128.data_ptr(),
         linear.scales.data_ptr(),
         _pointer(linear.bias),
         linear.out_features,

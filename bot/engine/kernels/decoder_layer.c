@@ -23,11 +23,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *ws, const float *bias,
-                int64_t n, int64_t kp, float *out, int threads);
+int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const int32_t *sums128, const float *ws,
+                const float *bias, int64_t n, int64_t kp, float *out, int threads);
 
 typedef struct {
-    const int8_t *packed; /* kernel.pack layout */
+    const int8_t *packed;    /* kernel.pack layout */
+    const int32_t *sums128;  /* [n rounded up to 4]: 128 * each row's sum (kernel.pack) */
     const float *scales;  /* [n] */
     const float *bias;    /* [n] or NULL */
     int64_t n, k, kp;
@@ -220,7 +221,7 @@ static void attend_run(const float *q, int64_t q_stride, const int64_t *lengths,
 }
 
 static int linear(const Int8Matrix *w, const float *x, int64_t m, float *out, int threads) {
-    return int8_linear(x, m, w->k, w->packed, w->scales, w->bias, w->n, w->kp, out, threads);
+    return int8_linear(x, m, w->k, w->packed, w->sums128, w->scales, w->bias, w->n, w->kp, out, threads);
 }
 
 static void add_into(float *x, const float *y, int64_t n) {
