@@ -67,6 +67,7 @@ class RowwiseInt8Linear(nn.Module):
 
     bias: torch.Tensor | None
     scales: torch.Tensor
+    sums128: torch.Tensor  # the kernel's per-channel correction (`kernel.sums128`)
     _anchor: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
