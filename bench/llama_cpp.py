@@ -94,9 +94,10 @@ def llama_round(binaries: Path, gguf: Path, threads: int) -> dict[str, float]:
         text=True,
     ).stdout
     tg = next(r for r in json.loads(step_row) if r["n_gen"] == REPLY)["avg_ts"]
+    sizes = ["-c", str(MANY * (PROMPT + REPLY + 8)), "-b", "2048", "-ub", "512"]
+    shape = ["-npp", str(PROMPT), "-ntg", str(REPLY), "-npl", str(MANY), "--output-format", "jsonl"]
     batched = subprocess.run(
-        [binaries / "llama-batched-bench", *common, "-c", str(MANY * (PROMPT + REPLY + 8)), "-b", "2048"]
-        + ["-ub", "512", "-npp", str(PROMPT), "-ntg", str(REPLY), "-npl", str(MANY), "--output-format", "jsonl"],
+        [str(binaries / "llama-batched-bench"), *common, *sizes, *shape],
         check=True,
         capture_output=True,
         text=True,
