@@ -55,6 +55,8 @@ def test_packing_round_trips_and_embedding_rows_are_the_weights() -> None:
     packed = kernel.pack(rows)
     assert packed.shape == (10, 2, 4, 32)  # 37 channels padded to 40, 45 bytes to 64
     assert torch.equal(kernel.unpack(packed, 37, 45), rows)
+    sums = kernel.sums128(rows)
+    assert sums.shape == (40,) and torch.equal(sums[:37], rows.to(torch.int32).sum(1) * 128) and not sums[37:].any()
     ids = torch.tensor([[0, 36], [5, 5]])
     assert torch.equal(kernel.packed_rows(packed, ids, 45), rows[ids])
 

@@ -101,6 +101,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     layers.restype = ctypes.c_int
     layers.argtypes = [p, p, i64, p, i64, p, p, p, p]
     library.int8_kernel_isa.restype = ctypes.c_char_p
+    library.int8_row_sums128.restype = None
+    library.int8_row_sums128.argtypes = [p, i64, i64, p]
     return library, f"int8 kernel ({library.int8_kernel_isa().decode()})"
 
 
@@ -155,9 +157,12 @@ def pack(rows: torch.Tensor) -> torch.Tensor:
 
 def sums128(rows: torch.Tensor) -> torch.Tensor:
     """128 times each int8 weight row's sum, int32 [N rounded up to 4] (the VNNI build's correction)."""
-    n = rows.shape[0]
+    n, k = rows.shape
+    rows = rows.contiguous()
     sums = torch.zeros(-(-n // GROUP) * GROUP, dtype=torch.int32)
-    sums[:n] = rows.sum(dim=1, dtype=torch.int32) * 128
+    lib = library()  # in C: torch's int32 sum would first copy the whole matrix to int32
+    assert lib is not None, "the int8 kernel is not available"
+    lib.int8_row_sums128(rows.data_ptr(), n, k, sums.data_ptr())
     return sums
 
 

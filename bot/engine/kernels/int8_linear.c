@@ -133,6 +133,15 @@ static inline void tile(const int8_t *x, int64_t rows, const int8_t *w, int64_t 
 }
 #endif
 
+/* out[r] = 128 * the sum of row r of int8 rows [n][k] (the VNNI build's correction; `kernel.sums128`). */
+void int8_row_sums128(const int8_t *rows, int64_t n, int64_t k, int32_t *out) {
+    for (int64_t r = 0; r < n; r++) {
+        int32_t sum = 0;
+        for (int64_t i = 0; i < k; i++) sum += rows[r * k + i];
+        out[r] = 128 * sum;
+    }
+}
+
 /* Which instructions this build multiplies with (kernel.py reports it). */
 const char *int8_kernel_isa(void) { return KERNEL_ISA; }
 
