@@ -23,6 +23,24 @@ def test_the_budget_fills_the_allowed_extra_time() -> None:
     assert budget.tokens() == 15
 
 
+def test_a_plain_step_is_the_median_of_the_recent_ones() -> None:
+    budget = StepBudget()
+    for seconds in (0.050, 0.048, 0.020, 0.021, 0.019, 0.020, 0.022, 0.020, 0.021, 0.020):
+        budget.record(seconds, 0)  # a slow warm-up, then 20 ms steps
+    assert budget.plain_seconds == 0.020
+
+
+def test_one_chunk_that_cost_nothing_does_not_open_the_budget_wide() -> None:
+    """A chunk measured as free (its step quick for other reasons) lets the next one at most double."""
+    budget = StepBudget(first=4, most=512)
+    for _ in range(4):
+        budget.record(0.025, 0)
+    budget.record(0.024, 4)  # 4 tokens, and quicker than a plain step
+    assert budget.tokens() == 8
+    budget.record(0.026, 8)
+    assert budget.tokens() == 16
+
+
 def test_the_budget_stays_between_one_token_and_its_most() -> None:
     slow = StepBudget(most=64)
     slow.record(0.010, 0)

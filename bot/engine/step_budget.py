@@ -7,38 +7,55 @@ prompt waits longer than it needs to). So the budget is measured: the loop repor
 time and how many prompt tokens it read, and the budget is the number of tokens that keep a step
 within `limit` times a plain step. The C decoder layers give bitwise the same result whatever
 the chunks (`bot/engine/native.py`), so a budget that moves with the machine's load changes no reply.
+
+Two things keep one noisy measurement from stalling the running replies: a plain step is the median
+of the last few (the average carried a slow warm-up step for the whole of a join, since no plain
+step is taken while a prompt joins), and the budget at most doubles from one round to the next, so
+a chunk that happened to cost nothing (a step that was quick for other reasons) does not open the
+next one to `most` tokens (a 512-token chunk stalled a reply for 1.1 s before that cap).
 """
 
 from __future__ import annotations
 
-SMOOTHING = 0.2  # weight of the newest measurement in the running averages
+import statistics
+from collections import deque
+
+SMOOTHING = 0.2  # weight of the newest per-token cost in its running average
+PLAIN_STEPS = 8  # a plain step is the median of this many recent ones
 
 
 class StepBudget:
     """Prompt tokens per step that keep a step within `limit` times a plain one (with some headroom)."""
 
-    def __init__(self, *, limit: float = 2.0, headroom: float = 0.7, first: int = 4, most: int = 512) -> None:
+    def __init__(self, *, limit: float = 2.0, headroom: float = 0.6, first: int = 4, most: int = 512) -> None:
         self.limit = limit
         self.headroom = headroom  # aim at this share of the allowed extra time: steps are noisy
         self.first = first  # before anything is measured
         self.most = most
-        self.plain_seconds: float | None = None  # a step with no prompt tokens
+        self._plain: deque[float] = deque(maxlen=PLAIN_STEPS)  # recent steps with no prompt tokens
         self.token_seconds: float | None = None  # what one prompt token adds to a step
+        self._given = first  # the budget of the last round that read prompt tokens
+
+    @property
+    def plain_seconds(self) -> float | None:
+        """A step with no prompt tokens: the median of the recent ones."""
+        return statistics.median(self._plain) if self._plain else None
 
     def tokens(self) -> int:
-        if self.plain_seconds is None or self.token_seconds is None:
+        plain = self.plain_seconds
+        if plain is None or self.token_seconds is None:
             return self.first
-        extra = (self.limit - 1.0) * self.headroom * self.plain_seconds
-        return max(1, min(self.most, int(extra / max(self.token_seconds, 1e-9))))
+        extra = (self.limit - 1.0) * self.headroom * plain
+        fits = int(extra / max(self.token_seconds, 1e-9))
+        return max(1, min(self.most, 2 * self._given, fits))
 
     def record(self, seconds: float, tokens: int) -> None:
         """One round of the loop: a step over the running replies plus `tokens` prompt tokens."""
+        plain = self.plain_seconds
         if tokens <= 0:
-            self.plain_seconds = _average(self.plain_seconds, seconds)
-        elif self.plain_seconds is not None:
-            per_token = max(seconds - self.plain_seconds, 0.0) / tokens
-            self.token_seconds = _average(self.token_seconds, per_token)
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else old + SMOOTHING * (new - old)
+            self._plain.append(seconds)
+        elif plain is not None:
+            self._given = tokens
+            per_token = max(seconds - plain, 0.0) / tokens
+            old = self.token_seconds
+            self.token_seconds = per_token if old is None else old + SMOOTHING * (per_token - old)
