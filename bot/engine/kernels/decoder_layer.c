@@ -27,10 +27,10 @@ int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const int
                 const float *bias, int64_t n, int64_t kp, float *out, int threads);
 
 typedef struct {
-    const int8_t *packed;    /* kernel.pack layout */
-    const int32_t *sums128;  /* [n rounded up to 4]: 128 * each row's sum (kernel.pack) */
-    const float *scales;  /* [n] */
-    const float *bias;    /* [n] or NULL */
+    const int8_t *packed;   /* kernel.pack layout */
+    const int32_t *sums128; /* [n rounded up to 4]: 128 * each row's sum (kernel.sums128) */
+    const float *scales;    /* [n] */
+    const float *bias;      /* [n] or NULL */
     int64_t n, k, kp;
 } Int8Matrix;
 

@@ -10,9 +10,9 @@
  * saturating (2 * 127 * 127 < 32767), and vpmaddwd widens to int32. Both operands are in [-127, 127].
  * Where the CPU has AVX512-VNNI (kernel.py then builds with it), vpdpbusd multiplies unsigned by signed
  * bytes and sums four products into int32 in one instruction. x is then taken as the unsigned byte
- * x + 128 (x xor 0x80), and 128 * sum(w) of each output channel (`pack` computes it once) is
+ * x + 128 (x xor 0x80), and 128 * sum(w) of each output channel (`sums128`, computed once) is
  * subtracted: the same exact int32 sums, so the results are bitwise those of the AVX2 build, with a
- * third of the instructions and tiles of 4 x 4 (AVX512VL has 32 vector registers).
+ * third of the instructions per product and tiles of 4 x 4 (AVX512VL has 32 vector registers).
  * Weights are packed by `pack` in bot/engine/kernel.py: rows padded with zeros to Kp (a multiple of
  * 32) and N to a multiple of 4, then each group of 4 rows stored as [Kp / 32][4][32] bytes, so that a tile
  * reads its weights as one sequential stream.
@@ -177,7 +177,7 @@ static void column_group(const int8_t *xq, const float *xs, int64_t m0, int64_t 
 }
 
 /* out [M, N] = x [M, K] W^T + bias, W packed int8 with scales ws [N]; bias may be NULL. sums128 [Np] is
- * 128 times each packed row's sum (`kernel.pack`; read by the VNNI build only).
+ * 128 times each weight row's sum (`kernel.sums128`; read by the VNNI build only).
  * Returns 0, or -1 if the scratch memory could not be had. */
 int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const int32_t *sums128, const float *ws,
                 const float *bias, int64_t n, int64_t kp, float *out, int threads) {
