@@ -34,12 +34,16 @@ def engine_config(model_dir: Path, tokens: int) -> Any:
     )
 
 
-def long_history(engine: Any, tokens_wanted: int) -> list[Turn]:
-    """One message from alice whose rendered prompt is the first to reach `tokens_wanted` tokens."""
+def long_history(engine: Any, tokens_wanted: int, first_word: int = 0) -> list[Turn]:
+    """One message from alice whose rendered prompt is the first to reach `tokens_wanted` tokens.
+
+    Messages with different `first_word`s differ from their first word, so the prefix cache holds
+    none of one for another (only the system prompt they share)."""
     words = workload.WORDS
     count = 1
     while True:
-        history = [Turn("user", " ".join(words[i % len(words)] for i in range(count)), speaker="alice")]
+        text = " ".join(words[(first_word + i) % len(words)] for i in range(count))
+        history = [Turn("user", text, speaker="alice")]
         if len(engine.encode_prompt(history)) >= tokens_wanted:
             return history
         count += 1
@@ -57,9 +61,9 @@ async def measure_engine(model_dir: Path, out: dict[str, Any]) -> None:
                 continue
             spaced = [i * SPACING_S for i in range(16)]
             result["spaced_16"] = await openloop.send_over_time(engine.reply, spaced, seed=3)
-            history = long_history(engine, 300)
-            out["first_words_prompt_tokens"] = len(engine.encode_prompt(history))
-            result["first_words_s"] = sorted([await first_words(engine, history) for _ in range(3)])[1]
+            histories = [long_history(engine, 300, first_word) for first_word in (0, 1, 2)]  # none cached
+            out["first_words_prompt_tokens"] = len(engine.encode_prompt(histories[0]))
+            result["first_words_s"] = sorted([await first_words(engine, h) for h in histories])[1]
 
 
 async def median_single_reply(engine: Any) -> float:
