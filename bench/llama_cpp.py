@@ -76,32 +76,20 @@ def engine_round(runner: Any, vocab: int, seed: int) -> dict[str, float]:
     }
 
 
+def _output(*command: str | Path) -> str:
+    return subprocess.run([str(part) for part in command], check=True, capture_output=True, text=True).stdout
+
+
 def llama_round(binaries: Path, gguf: Path, threads: int) -> dict[str, float]:
     """The same measures by llama.cpp's own benchmarks (one repetition each)."""
-    common = ["-m", str(gguf), "-t", str(threads)]
-    out = subprocess.run(
-        [binaries / "llama-bench", *common, "-r", "1", "-p", str(PROMPT), "-n", str(REPLY), "-d", "0", "-o", "json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rows = json.loads(out)
-    pp = next(r for r in rows if r["n_prompt"] == PROMPT and r["n_gen"] == 0)["avg_ts"]
-    step_row = subprocess.run(
-        [binaries / "llama-bench", *common, "-r", "1", "-p", "0", "-n", str(REPLY), "-d", str(PROMPT), "-o", "json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    tg = next(r for r in json.loads(step_row) if r["n_gen"] == REPLY)["avg_ts"]
+    common = ["-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+    prompt_rows = json.loads(_output(binaries / "llama-bench", *common, "-p", str(PROMPT), "-n", "0"))
+    pp = next(r for r in prompt_rows if r["n_prompt"] == PROMPT)["avg_ts"]
+    step_rows = json.loads(_output(binaries / "llama-bench", *common, "-p", "0", "-n", str(REPLY), "-d", str(PROMPT)))
+    tg = next(r for r in step_rows if r["n_gen"] == REPLY)["avg_ts"]
     sizes = ["-c", str(MANY * (PROMPT + REPLY + 8)), "-b", "2048", "-ub", "512"]
     shape = ["-npp", str(PROMPT), "-ntg", str(REPLY), "-npl", str(MANY), "--output-format", "jsonl"]
-    batched = subprocess.run(
-        [str(binaries / "llama-batched-bench"), *common, *sizes, *shape],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    batched = _output(binaries / "llama-batched-bench", "-m", gguf, "-t", str(threads), *sizes, *shape)
     result = next(json.loads(line) for line in batched.splitlines() if line.startswith("{"))
     return {
         "prefill_s": PROMPT / pp,

@@ -87,14 +87,13 @@ def test_the_kernel_matches_exact_integer_arithmetic() -> None:
 @pytest.mark.skipif(kernel.VNNI_FLAGS[-1] not in kernel._flags(), reason="this CPU has no AVX512-VNNI")
 def test_the_vnni_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its offset bytes (x + 128) and per-channel correction leave the same exact int32 sums."""
-    import ctypes
-
+    compiler = kernel._compiler()
+    assert compiler is not None
     torch.manual_seed(3)
     builds = {}
     for isa in ("avx2", "auto"):
         monkeypatch.setenv("BOT_INT8_KERNEL", isa)
-        library = ctypes.CDLL(str(kernel._build("gcc", kernel._flags())))
-        library.int8_kernel_isa.restype = ctypes.c_char_p
+        library = kernel._open(compiler, kernel._flags())
         builds[library.int8_kernel_isa().decode()] = library
     assert set(builds) == {"AVX2", "AVX512-VNNI"}
     for n, k, m in ((7, 70, 1), (130, 96, 3), (33, 300, 37), (64, 32, 4)):
@@ -104,9 +103,6 @@ def test_the_vnni_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytes
         outs = []
         for library in builds.values():
             out = torch.empty(m, n)
-            function = library.int8_linear
-            function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 2, *[ctypes.c_void_p] * 4]
-            function.argtypes += [*[ctypes.c_int64] * 2, ctypes.c_void_p, ctypes.c_int]
             pointers = (t.data_ptr() for t in (packed, sums, scales, bias))
             assert library.int8_linear(x.data_ptr(), m, k, *pointers, n, packed.shape[1] * 32, out.data_ptr(), 2) == 0
             outs.append(out)

@@ -79,30 +79,38 @@ def _build(compiler: str, flags: list[str]) -> Path:
     return target
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:
+    """Build (or find) the library for `flags` and load it with its functions' signatures declared."""
+    library = ctypes.CDLL(str(_build(compiler, flags)))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.int8_linear.restype = ctypes.c_int
+    library.int8_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, ctypes.c_int]
+    library.decoder_layers.restype = ctypes.c_int
+    library.decoder_layers.argtypes = [p, p, i64, p, i64, p, p, p, p]
+    library.int8_kernel_isa.restype = ctypes.c_char_p
+    library.int8_row_sums128.restype = None
+    library.int8_row_sums128.argtypes = [p, i64, i64, p]
+    return library
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("BOT_INT8_KERNEL", "").lower() in ("0", "off", "false", "no"):
         return None, "fbgemm (BOT_INT8_KERNEL=off)"
     if not _cpu_has_avx2():
         return None, "fbgemm (this CPU has no AVX2)"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if not compiler:
         return None, "fbgemm (no C compiler to build the int8 kernel; install gcc)"
     try:
-        library = ctypes.CDLL(str(_build(compiler, _flags())))
+        library = _open(compiler, _flags())
     except subprocess.CalledProcessError as error:
         return None, f"fbgemm (building the int8 kernel failed: {error.stderr.strip()[-300:]})"
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"fbgemm (the int8 kernel could not be built or loaded: {error})"
-    function = library.int8_linear
-    function.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, ctypes.c_int]
-    layers = library.decoder_layers
-    layers.restype = ctypes.c_int
-    layers.argtypes = [p, p, i64, p, i64, p, p, p, p]
-    library.int8_kernel_isa.restype = ctypes.c_char_p
-    library.int8_row_sums128.restype = None
-    library.int8_row_sums128.argtypes = [p, i64, i64, p]
     return library, f"int8 kernel ({library.int8_kernel_isa().decode()})"
 
 
