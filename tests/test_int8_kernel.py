@@ -2,7 +2,7 @@
 
 Both must give a row's result from that row alone (bitwise, whatever else is in the call), stay
 close to fp32, and keep all-zero rows at the bias. Shapes include sizes that are not multiples of
-the kernel's packing (4 output channels, 32 input bytes), and enough rows to cross its row blocks.
+the kernel's packing (32 output channels, 4 input bytes), and enough rows to cross its row blocks.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def test_packing_round_trips_and_embedding_rows_are_the_weights() -> None:
     torch.manual_seed(1)
     rows = torch.randint(-127, 128, (37, 45), dtype=torch.int8)
     packed = kernel.pack(rows)
-    assert packed.shape == (10, 2, 4, 32)  # 37 channels padded to 40, 45 bytes to 64
+    assert packed.shape == (2, 12, 32, 4)  # 37 channels padded to 64, 45 bytes to 48
     assert torch.equal(kernel.unpack(packed, 37, 45), rows)
     sums = kernel.sums128(rows)
-    assert sums.shape == (40,) and torch.equal(sums[:37], rows.to(torch.int32).sum(1) * 128) and not sums[37:].any()
+    assert sums.shape == (64,) and torch.equal(sums[:37], rows.to(torch.int32).sum(1) * 128) and not sums[37:].any()
     ids = torch.tensor([[0, 36], [5, 5]])
     assert torch.equal(kernel.packed_rows(packed, ids, 45), rows[ids])
 
@@ -104,7 +104,7 @@ def test_the_vnni_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytes
         for library in builds.values():
             out = torch.empty(m, n)
             pointers = (t.data_ptr() for t in (packed, sums, scales, bias))
-            assert library.int8_linear(x.data_ptr(), m, k, *pointers, n, packed.shape[1] * 32, out.data_ptr(), 2) == 0
+            assert library.int8_linear(x.data_ptr(), m, k, *pointers, n, packed.shape[1] * kernel.K_STEP, out.data_ptr(), 2) == 0
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), (n, k, m)
 

@@ -36,8 +36,8 @@ SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_linear.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 # where the CPU has AVX512-VNNI (Ice Lake, Zen 4 and later) the byte products take one instruction
 VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
-GROUP = 4  # output channels packed together (TILE_COLS in the C source)
-K_STEP = 32  # bytes of one row read per instruction; rows are padded to a multiple of it
+GROUP = 32  # output channels packed together (GROUP in the C source)
+K_STEP = 4  # input bytes of a channel stored together; rows are padded to a multiple of it
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -153,7 +153,7 @@ def padded(k: int) -> int:
 
 
 def pack(rows: torch.Tensor) -> torch.Tensor:
-    """int8 weights [N, K] in the kernel's layout: [ceil(N/4), Kp/32, 4, 32], zero padded."""
+    """int8 weights [N, K] in the kernel's layout: [ceil(N/32), Kp/4, 32, 4], zero padded."""
     n, k = rows.shape
     kp, np_ = padded(k), -(-n // GROUP) * GROUP
     if (np_, kp) != (n, k):
@@ -164,7 +164,7 @@ def pack(rows: torch.Tensor) -> torch.Tensor:
 
 
 def sums128(rows: torch.Tensor) -> torch.Tensor:
-    """128 times each int8 weight row's sum, int32 [N rounded up to 4] (the VNNI build's correction)."""
+    """128 times each int8 weight row's sum, int32 [N rounded up to 32] (the VNNI build's correction)."""
     n, k = rows.shape
     rows = rows.contiguous()
     sums = torch.zeros(-(-n // GROUP) * GROUP, dtype=torch.int32)
@@ -176,7 +176,7 @@ def sums128(rows: torch.Tensor) -> torch.Tensor:
 
 def packed_rows(packed: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """Rows `index` of the int8 weights `pack` packed (an embedding lookup in the shared table)."""
-    rows = packed[torch.div(index, GROUP, rounding_mode="floor"), :, index % GROUP, :]  # [..., Kp/32, 32]
+    rows = packed[torch.div(index, GROUP, rounding_mode="floor"), :, index % GROUP, :]  # [..., Kp/4, 4]
     return rows.flatten(-2)[..., :k]
 
 

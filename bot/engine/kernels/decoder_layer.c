@@ -28,7 +28,7 @@ int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const int
 
 typedef struct {
     const int8_t *packed;   /* kernel.pack layout */
-    const int32_t *sums128; /* [n rounded up to 4]: 128 * each row's sum (kernel.sums128) */
+    const int32_t *sums128; /* [n rounded up to 32]: 128 * each row's sum (kernel.sums128) */
     const float *scales;    /* [n] */
     const float *bias;      /* [n] or NULL */
     int64_t n, k, kp;
