@@ -242,7 +242,7 @@ class Config(commands.Cog):
         rendered = render_persona(
             text, server=interaction.guild.name, channel=getattr(interaction.channel, "name", None) or "channel"
         )
-        problem = self.bot.chat.check_persona(rendered)
+        problem = await self.bot.chat.check_persona(rendered)
         if problem is not None:
             await interaction.response.send_message(
                 f"That persona is too long for the model: {problem}. Nothing changed.", ephemeral=True

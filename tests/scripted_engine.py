@@ -77,7 +77,7 @@ class ScriptedEngine:
         self.forgotten += 1
         return 0
 
-    def check_system_prompt(self, text: str) -> str | None:
+    async def check_system_prompt(self, text: str) -> str | None:
         words = len(text.split())
         if self.context_words is not None and words > self.context_words:
             return f"it takes {words} of the {self.context_words} words this engine reads"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bot.core.types import Turn
-from bot.engine import Engine, EngineConfig
+from bot.engine import Engine, EngineClosed, EngineConfig
 from tests.engine_spies import join_mid_reply, record_tokens
 
 HISTORIES = [
@@ -100,6 +100,16 @@ async def test_the_prompt_fits_the_context_and_the_reply_its_room(tiny_chat_mode
         long = [Turn("user" if i % 2 == 0 else "bot", f"message {i} " + "words " * 30) for i in range(41)]
         assert len(engine.encode_prompt(long)) <= engine.max_input_tokens
         assert isinstance(await engine.reply(long), str)
+
+
+async def test_a_persona_that_leaves_no_room_is_refused_with_the_numbers(tiny_chat_model_dir: Path) -> None:
+    engine = Engine(chat_config(tiny_chat_model_dir, context_tokens=256, max_new_tokens=40))
+    async with engine:
+        assert await engine.check_system_prompt("You are a pirate.") is None
+        problem = await engine.check_system_prompt("You are a pirate who talks a lot. " * 40)
+        assert problem is not None and "of the 216 tokens a prompt may hold" in problem
+    with pytest.raises(EngineClosed):
+        await engine.check_system_prompt("You are a pirate.")
 
 
 async def test_think_blocks_are_never_shown(tiny_chat_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,7 +104,12 @@ def test_the_vnni_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytes
         for library in builds.values():
             out = torch.empty(m, n)
             pointers = (t.data_ptr() for t in (packed, sums, scales, bias))
-            assert library.int8_linear(x.data_ptr(), m, k, *pointers, n, packed.shape[1] * kernel.K_STEP, out.data_ptr(), 2) == 0
+            assert (
+                library.int8_linear(
+                    x.data_ptr(), m, k, *pointers, n, packed.shape[1] * kernel.K_STEP, out.data_ptr(), 2
+                )
+                == 0
+            )
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), (n, k, m)
 

@@ -300,11 +300,11 @@ class ChatService:
         template, _ = config.persona_for(channel_id, parent_id)
         return None if template is None else render_persona(template, server=server, channel=channel)
 
-    def check_persona(self, rendered: str) -> str | None:
+    async def check_persona(self, rendered: str) -> str | None:
         """Why a persona (placeholders filled) cannot be used, with the numbers; None when it can."""
         if len(rendered) > PERSONA_MAX_CHARS:
             return f"it is {len(rendered)} characters long, and a persona may have at most {PERSONA_MAX_CHARS}"
-        return self.engine.check_system_prompt(rendered)
+        return await self.engine.check_system_prompt(rendered)
 
     @property
     def uses_personas(self) -> bool:

@@ -85,7 +85,7 @@ class ReplyEngine(Protocol):
         for this reply (None: SYSTEM_PROMPT); BlenderBot has no system prompt and ignores it."""
         ...
 
-    def check_system_prompt(self, text: str) -> str | None:
+    async def check_system_prompt(self, text: str) -> str | None:
         """Why `text` cannot be a persona (it leaves the model's context no room for the conversation,
         with the numbers), or None when it can (or this engine cannot tell)."""
         ...

@@ -219,10 +219,19 @@ class Engine:
         """Whether the model reads a system prompt: a chat model does, BlenderBot does not."""
         return self._family is not None and self._family.reads_system_prompt
 
-    def check_system_prompt(self, text: str) -> str | None:
+    async def check_system_prompt(self, text: str) -> str | None:
         """Why `text` cannot be a chat model's system prompt (it leaves the conversation under
-        families.ROOMY_CONVERSATION_TOKENS of the prompt), with the numbers; None when it fits, and for BlenderBot."""
-        return None if self._family is None else self._family.system_prompt_problem(text)
+        families.ROOMY_CONVERSATION_TOKENS of the prompt), with the numbers; None when it fits, and for BlenderBot.
+
+        Tokenized on the engine's prompt thread, as prompts are: off the event loop, and never at the same
+        time as a prompt (the tokenizer is not shared between threads)."""
+        family = self._family
+        if family is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._prompts, family.system_prompt_problem, text)
+        except RuntimeError:  # closed meanwhile: the executor takes no more work
+            raise EngineClosed("the model is not running") from None
 
     # ----- personas: end -----
 

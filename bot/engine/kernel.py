@@ -1,12 +1,13 @@
 """The int8 matrix kernel (`kernels/int8_linear.c`): built with the machine's C compiler, loaded with ctypes.
 
 fbgemm's int8 Linear reads a decoding step's weights at about half the memory bandwidth when there
-are only a few rows (one conversation is one row). The kernel streams weights packed four output
-channels at a time and reaches most of it, with exact int32 sums, so a row's result depends on that
-row alone. It is compiled once per machine into the temporary directory (well under a second; the
-file is named by a hash of the source and flags, so an edited source is rebuilt) and needs x86-64
-with AVX2 and a C compiler with OpenMP; where the CPU has AVX512-VNNI it is built with that too
-(bitwise the same results, 1.1-1.2x faster for one row and 1.4-1.9x for many). Without them, or with
+are only a few rows (one conversation is one row). The kernel streams weights packed 32 output
+channels by 4 input bytes and reaches most of it, with exact int32 sums, so a row's result depends
+on that row alone; for many rows (beams, batches, prompts) it is level with fbgemm or faster. It is
+compiled once per machine into the temporary directory (well under a second; the file is named by a
+hash of the source and flags, so an edited source is rebuilt) and needs x86-64 with AVX2 and a C
+compiler with OpenMP; where the CPU has AVX512-VNNI it is built with that too (bitwise the same
+results, about twice as fast for many rows). Without them, or with
 `BOT_INT8_KERNEL=off`, int8 Linears use fbgemm as before; `status()` says which and why.
 """
 

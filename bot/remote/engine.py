@@ -298,7 +298,7 @@ class RemoteEngine:
             )
         return self._model
 
-    def check_system_prompt(self, text: str) -> None:
+    async def check_system_prompt(self, text: str) -> None:
         """Always None: the server's tokenizer and context are its own (a server that finds the prompt
         too long refuses it, and the reply is a notice)."""
         return None
