@@ -84,19 +84,29 @@ def test_the_kernel_matches_exact_integer_arithmetic() -> None:
 
 
 @needs_kernel
-@pytest.mark.skipif(kernel.VNNI_FLAGS[-1] not in kernel._flags(), reason="this CPU has no AVX512-VNNI")
-def test_the_vnni_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its offset bytes (x + 128) and per-channel correction leave the same exact int32 sums."""
+@pytest.mark.skipif(len(kernel._flag_choices()) < 2, reason="this CPU has no AVX512-VNNI")
+def test_every_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VNNI build's offset bytes (x + 128) and per-channel correction, and the AMX build's tiles
+    (where the CPU has them), leave the same exact int32 sums, so the same outputs."""
     compiler = kernel._compiler()
     assert compiler is not None
     torch.manual_seed(3)
     builds = {}
-    for isa in ("avx2", "auto"):
-        monkeypatch.setenv("BOT_INT8_KERNEL", isa)
-        library = kernel._open(compiler, kernel._flags())
+    for flags in kernel._flag_choices():
+        library = kernel._open(compiler, flags)
         builds[library.int8_kernel_isa().decode()] = library
-    assert set(builds) == {"AVX2", "AVX512-VNNI"}
-    for n, k, m in ((7, 70, 1), (130, 96, 3), (33, 300, 37), (64, 32, 4)):
+    assert {"AVX2", "AVX512-VNNI"} <= set(builds)
+    # AMX takes 4 rows or more when K is a multiple of 64: in blocks of 32 rows, partial ones, 256-row blocks
+    for n, k, m in (
+        (7, 70, 1),
+        (130, 96, 3),
+        (33, 300, 37),
+        (64, 32, 4),
+        (50, 64, 5),
+        (40, 128, 16),
+        (70, 192, 33),
+        (96, 256, 300),
+    ):
         rows = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         packed, sums, scales, bias = kernel.pack(rows), kernel.sums128(rows), torch.rand(n), torch.randn(n)
         x = torch.randn(m, k) * torch.rand(m, 1) * 10
@@ -104,14 +114,11 @@ def test_the_vnni_build_gives_bitwise_the_avx2_builds_results(monkeypatch: pytes
         for library in builds.values():
             out = torch.empty(m, n)
             pointers = (t.data_ptr() for t in (packed, sums, scales, bias))
-            assert (
-                library.int8_linear(
-                    x.data_ptr(), m, k, *pointers, n, packed.shape[1] * kernel.K_STEP, out.data_ptr(), 2
-                )
-                == 0
-            )
+            kp = packed.shape[1] * kernel.K_STEP
+            assert library.int8_linear(x.data_ptr(), m, k, *pointers, n, kp, out.data_ptr(), 2) == 0
             outs.append(out)
-        assert torch.equal(outs[0], outs[1]), (n, k, m)
+        for name, out in zip(list(builds)[1:], outs[1:], strict=True):
+            assert torch.equal(outs[0], out), (name, n, k, m)
 
 
 def test_a_machine_without_the_kernel_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

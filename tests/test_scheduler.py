@@ -368,7 +368,7 @@ def test_auto_chunks_follow_the_measured_step_budget() -> None:
     s.submit(answers.sequence("joining", 2, prompt=11))
     rounds(s, 1)
     assert s.step_budget.token_seconds is not None  # the round with 3 prompt tokens was measured too
-    s.step_budget.tokens = lambda: 5  # type: ignore[method-assign]
+    s.step_budget.tokens = lambda rows=1: 5  # type: ignore[method-assign]
     rounds(s, 2)
     chunks = [c[2] for c in runner.calls if c[0] == "chunk" and c[1] == 2]
     assert chunks == [3, 5, 2]

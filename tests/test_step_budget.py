@@ -50,3 +50,14 @@ def test_the_budget_stays_between_one_token_and_its_most() -> None:
     fast.record(0.050, 0)
     fast.record(0.050, 100)  # no measurable cost
     assert fast.tokens() == 64
+
+
+def test_a_prompt_that_ends_short_of_its_chunk_does_not_shrink_the_next_ones() -> None:
+    budget = StepBudget(first=4, most=512)
+    for _ in range(4):
+        budget.record(0.020, 0)
+    for expected in (8, 16, 32):
+        budget.record(0.020, budget.tokens())  # chunks that cost nothing: the budget doubles each round
+        assert budget.tokens() == expected
+    budget.record(0.020, 3)  # offered 32, the prompt had 3 tokens left
+    assert budget.tokens() == 32  # offered again, where a cap taken from the 3 tokens would give 6

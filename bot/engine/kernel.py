@@ -37,6 +37,8 @@ SOURCES = [Path(__file__).with_name("kernels") / name for name in ("int8_linear.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 # where the CPU has AVX512-VNNI (Ice Lake, Zen 4 and later) the byte products take one instruction
 VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+# where it has AMX (Sapphire Rapids and later) prompts, batches and beams multiply in tiles
+AMX_FLAGS = ["-mamx-tile", "-mamx-int8"]
 GROUP = 32  # output channels packed together (GROUP in the C source)
 K_STEP = 4  # input bytes of a channel stored together; rows are padded to a multiple of it
 
@@ -50,11 +52,19 @@ def _cpu_has_avx2() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and "avx2" in cpu_flags()
 
 
-def _flags() -> list[str]:
-    """The compiler flags for this CPU; `BOT_INT8_KERNEL=avx2` keeps to AVX2 (benchmarks compare)."""
-    wants_avx2 = os.environ.get("BOT_INT8_KERNEL", "").lower() == "avx2"
-    has_vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags()
-    return [*FLAGS, *VNNI_FLAGS] if has_vnni and not wants_avx2 else list(FLAGS)
+def _flag_choices() -> list[list[str]]:
+    """The compiler flags for this CPU, best first (a compiler too old for AMX gets the next).
+
+    `BOT_INT8_KERNEL=avx2` keeps to AVX2 and `BOT_INT8_KERNEL=vnni` to AVX512-VNNI (benchmarks and
+    tests compare the builds)."""
+    wants = os.environ.get("BOT_INT8_KERNEL", "").lower()
+    flags = cpu_flags()
+    choices = [list(FLAGS)]
+    if {"avx512_vnni", "avx512vl", "avx512bw"} <= flags and wants != "avx2":
+        choices.insert(0, [*FLAGS, *VNNI_FLAGS])
+        if {"amx_tile", "amx_int8"} <= flags and wants != "vnni":
+            choices.insert(0, [*FLAGS, *VNNI_FLAGS, *AMX_FLAGS])
+    return choices
 
 
 def _build(compiler: str, flags: list[str]) -> Path:
@@ -95,6 +105,8 @@ def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:
     library.int8_kernel_isa.restype = ctypes.c_char_p
     library.int8_row_sums128.restype = None
     library.int8_row_sums128.argtypes = [p, i64, i64, p]
+    library.int8_amx_enable.restype = ctypes.c_int
+    library.int8_amx_enable()  # where built with AMX: ask Linux for the tile registers (refused: VNNI)
     return library
 
 
@@ -106,13 +118,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = _compiler()
     if not compiler:
         return None, "fbgemm (no C compiler to build the int8 kernel; install gcc)"
-    try:
-        library = _open(compiler, _flags())
-    except subprocess.CalledProcessError as error:
-        return None, f"fbgemm (building the int8 kernel failed: {error.stderr.strip()[-300:]})"
-    except (OSError, subprocess.SubprocessError) as error:
-        return None, f"fbgemm (the int8 kernel could not be built or loaded: {error})"
-    return library, f"int8 kernel ({library.int8_kernel_isa().decode()})"
+    problem = ""
+    for flags in _flag_choices():
+        try:
+            library = _open(compiler, flags)
+        except subprocess.CalledProcessError as error:
+            problem = f"building the int8 kernel failed: {error.stderr.strip()[-300:]}"
+        except (OSError, subprocess.SubprocessError) as error:
+            problem = f"the int8 kernel could not be built or loaded: {error}"
+        else:
+            return library, f"int8 kernel ({library.int8_kernel_isa().decode()})"
+        log.info("%s; trying fewer instructions", problem)
+    return None, f"fbgemm ({problem})"
 
 
 def library() -> ctypes.CDLL | None:

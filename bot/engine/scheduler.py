@@ -182,9 +182,10 @@ class Scheduler:
         self._read_this_round = 0
         self._admit(block=False)
         if self._running:
+            rows = self.runner.rows
             self._step()
             if self.prefill_chunk_tokens is None:
-                self.step_budget.record(time.monotonic() - began, self._read_this_round)
+                self.step_budget.record(time.monotonic() - began, self._read_this_round, rows)
         self._expire()
 
     def _recover(self, exc: Exception) -> None:
@@ -268,7 +269,7 @@ class Scheduler:
 
     def _chunk_budget(self) -> int:
         fixed = self.prefill_chunk_tokens
-        return self.step_budget.tokens() if fixed is None else fixed
+        return self.step_budget.tokens(self.runner.rows) if fixed is None else fixed
 
     def _read_joining(self, budget: int) -> int:
         """Read up to `budget` more tokens of the joining sequence's prompt (all the rest when nothing
