@@ -7,7 +7,14 @@ from typing import Any
 
 
 def measure_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """Best read (sum) and copy (read + write bytes) bandwidth over `repeats`, all torch threads."""
+    """Best read (sum) and copy (read + write bytes) bandwidth over `repeats`, all torch threads
+    (on a thread that ends with the probe: see `bench.threads`)."""
+    from bench.threads import in_own_thread
+
+    return in_own_thread(_measure, size_mb, repeats)
+
+
+def _measure(size_mb: int, repeats: int) -> dict[str, float]:
     import torch
 
     x = torch.ones(size_mb * 2**20 // 4)

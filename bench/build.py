@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.threads import in_own_thread
+
 BENCH_DIR = Path(__file__).resolve().parent
 SPEC_DIR = Path(os.environ.get("BENCH_MODEL_SPEC") or BENCH_DIR / "models" / "blenderbot-400M-distill")
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -110,7 +112,7 @@ def _build_once(out: Path, spec: Path, write: Callable[[Path, dict[str, Any], di
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = write(tmp, config_dict, gen_dict)
+    params = in_own_thread(write, tmp, config_dict, gen_dict)  # its torch work ends with it: bench.threads
     done = {"spec": str(spec), "config": config_dict, "generation_config": gen_dict, "parameters": params}
     (tmp / DONE).write_text(json.dumps(done | {"seconds": time.monotonic() - started}, indent=2))
     shutil.rmtree(out, ignore_errors=True)

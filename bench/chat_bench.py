@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bandwidth, continuous, conversation, memory, openloop, workload
+from bench.threads import in_own_thread
 from bot.core.types import Turn
 
 REPLY = 60  # tokens of the timed replies
@@ -118,7 +119,7 @@ def run(model_dir: Path, bandwidth_gbs: float, log: Any) -> dict[str, Any]:
     log(f"chat engine: {out['engine']['single_60_s']:.2f}s for a {REPLY}-token reply")
     out["conversation"] = asyncio.run(conversation.measure(model_dir))
     log("\n".join(conversation.summary(out["conversation"])).strip())
-    measure_naive(model_dir, out)
+    in_own_thread(measure_naive, model_dir, out)  # see bench.threads
     log(f"chat naive: {out['naive']['single_60_s']:.2f}s for a {REPLY}-token reply")
     out["serving"] = memory.measure_load(model_dir, "chat_serve_16")
     out["continuous_batching"] = continuous.compare(model_dir, REPLY, SYSTEM_PROMPT)

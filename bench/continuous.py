@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import workload
+from bench.threads import in_own_thread
 
 CONVERSATIONS = 16
 PAGE = 64  # tokens per cache page of transformers' paged cache
@@ -115,7 +116,7 @@ def compare(model_dir: Path, tokens: int, system_prompt: str) -> dict[str, Any]:
     out["prompt_tokens"] = [min(len(p) for p in prompts), max(len(p) for p in prompts)]
     for precision in ("fp32", "int8"):
         try:
-            out[f"transformers_{precision}"] = transformers_side(model_dir, prompts, tokens, precision)
+            out[f"transformers_{precision}"] = in_own_thread(transformers_side, model_dir, prompts, tokens, precision)
         except Exception as error:  # noqa: BLE001 - whatever it raises on the CPU is the finding
             out[f"transformers_{precision}"] = {"error": f"{type(error).__name__}: {error}"}
     return out

@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from bench import bandwidth, chat_bench, memory, openloop, workload
 from bench.build import build_chat_model, build_model
+from bench.threads import in_own_thread
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [(10, 20), (1, 20), (10, 60), (1, 60)]  # (beams, new tokens)
@@ -116,19 +117,26 @@ def naive_single(naive: workload.NaiveModel, beams: int, tokens: int) -> float:
     return naive.reply(workload.conversations(1, seed=100)[0], beams, tokens)
 
 
-async def paired_singles(engine: Any, naive: workload.NaiveModel, beams: int, tokens: int) -> dict[str, list[float]]:
+async def paired_singles(
+    model_dir: Path, naive: workload.NaiveModel, beams: int, tokens: int
+) -> dict[str, list[float]]:
     """The same conversation answered by the naive path and by the engine in turns, three times each.
 
-    On a shared VM the neighbours move single timings by up to 2x within minutes, so a ratio of two numbers
-    measured minutes apart says more about the neighbours than about the engine; taken in turns,
-    both medians see the same machine."""
+    On a shared VM the neighbours move single timings by up to 2x within minutes, so a ratio of two
+    numbers measured minutes apart says more about the neighbours than about the engine; taken in
+    turns, both medians see the same machine. The naive reply runs with no engine open: an engine's
+    OpenMP team alive beside it would slow it (`bench.threads`)."""
+    from bot.engine import Engine
+
     history = workload.conversations(1, seed=100)[0]
     paired: dict[str, list[float]] = {"naive_s": [], "engine_s": []}
     for _ in range(3):
         paired["naive_s"].append(naive_single(naive, beams, tokens))
-        started = time.perf_counter()
-        await engine.reply(history)
-        paired["engine_s"].append(time.perf_counter() - started)
+        async with Engine(engine_config(model_dir, beams, tokens)) as engine:
+            await engine.reply(workload.conversations(1, seed=99)[0])  # warm-up
+            started = time.perf_counter()
+            await engine.reply(history)
+            paired["engine_s"].append(time.perf_counter() - started)
     shown = {name: ", ".join(f"{t:.2f}" for t in times) for name, times in paired.items()}
     log(f"one reply, in turns: naive {shown['naive_s']} s; engine {shown['engine_s']} s")
     return paired
@@ -157,19 +165,22 @@ async def arrivals(model_dir: Path, naive: workload.NaiveModel, out: dict[str, A
     }
     log(f"arrivals: engine capacity {capacity:.2f} replies/s; open loop at {rate:.2f}/s for {OPEN_LOOP_S:.0f}s")
 
+    result["paired"] = await paired_singles(model_dir, naive, beams, tokens)
+    result["naive_before_spaced_s"] = naive_single(naive, beams, tokens)
     async with Engine(engine_config(model_dir, beams, tokens)) as engine:
         await engine.reply(workload.conversations(1, seed=99)[0])
-        result["paired"] = await paired_singles(engine, naive, beams, tokens)
         running = lambda: engine.stats().running  # noqa: E731
-        result["naive_before_spaced_s"] = naive_single(naive, beams, tokens)
         result["engine_spaced"] = await openloop.send_over_time(engine.reply, spaced, running=running, seed=3)
-        result["naive_after_spaced_s"] = naive_single(naive, beams, tokens)
-        log(
-            f"naive reply right before the spaced run {result['naive_before_spaced_s']:.2f}s, "
-            f"right after {result['naive_after_spaced_s']:.2f}s"
-        )
+    result["naive_after_spaced_s"] = naive_single(naive, beams, tokens)
+    log(
+        f"naive reply right before the spaced run {result['naive_before_spaced_s']:.2f}s, "
+        f"right after {result['naive_after_spaced_s']:.2f}s"
+    )
+    async with Engine(engine_config(model_dir, beams, tokens)) as engine:
+        await engine.reply(workload.conversations(1, seed=99)[0])
+        running = lambda: engine.stats().running  # noqa: E731
         result["engine_open"] = await openloop.send_over_time(engine.reply, poisson, running=running, seed=4)
-    static = StaticBatchEngine(str(model_dir), beams=beams, new_tokens=tokens, max_batch=MAX_BATCH)
+    static = in_own_thread(StaticBatchEngine, str(model_dir), beams=beams, new_tokens=tokens, max_batch=MAX_BATCH)
     try:
         await static.reply(workload.conversations(1, seed=99)[0])
         running = lambda: static.running  # noqa: E731

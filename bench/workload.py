@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.threads import in_own_thread
 from bot.core.types import Turn
 
 WORDS = (  # noqa: SIM905 - a word list reads and edits better as one string
@@ -92,14 +93,15 @@ async def run_concurrent(engine: Any, histories: list[list[Turn]]) -> dict[str, 
 
 
 class NaiveModel:
-    """The baseline: fp32, model defaults (10 beams), one request at a time, generate() in the caller."""
+    """The baseline: fp32, model defaults (10 beams), one request at a time, generate() waited for
+    (on a thread that ends with it: see `bench.threads`)."""
 
     def __init__(self, model_dir: str) -> None:
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = in_own_thread(AutoModelForSeq2SeqLM.from_pretrained, model_dir, dtype=torch.float32).eval()
         self.max_input = int(self.model.config.max_position_embeddings)
 
     def reply(self, history: list[Turn], num_beams: int, new_tokens: int) -> float:
@@ -108,10 +110,14 @@ class NaiveModel:
         from bot.engine.prompt import format_turns
 
         ids = self.tok(format_turns(history), return_tensors="pt", truncation=True, max_length=self.max_input)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            self.model.generate(**ids, num_beams=num_beams, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-        return time.perf_counter() - started
+
+        def generate() -> float:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self.model.generate(**ids, num_beams=num_beams, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+            return time.perf_counter() - started
+
+        return in_own_thread(generate)
 
 
 def median(values: list[float]) -> float:
