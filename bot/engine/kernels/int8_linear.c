@@ -18,7 +18,9 @@
  * Where the CPU has AVX512-VNNI (kernel.py then builds with it), vpdpbusd multiplies unsigned by signed
  * bytes and sums four products into int32 in one instruction. x is then stored as the unsigned byte
  * x + 128 (x xor 0x80), and 128 * sum(w) of each output channel (`sums128`, computed once) is
- * subtracted: the same exact int32 sums, so the results are bitwise those of the AVX2 build.
+ * subtracted: the same exact int32 sums, so the results are bitwise those of the AVX2 build. Where the
+ * CPU also has AMX (kernel.py then builds with it too), calls of AMX_MIN_ROWS rows or more multiply in
+ * tiles (below), from the same stored bytes and with the same correction and finish.
  */
 #include <immintrin.h>
 #include <math.h>
