@@ -54,12 +54,17 @@ def _cpu_has_avx2() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and "avx2" in cpu_flags()
 
 
+def _requested() -> str:
+    """`BOT_INT8_KERNEL`, lower case: off, avx2 or vnni; anything else is the best this CPU has."""
+    return os.environ.get("BOT_INT8_KERNEL", "").lower()
+
+
 def _flag_choices() -> list[list[str]]:
     """The compiler flags for this CPU, best first (a compiler too old for AMX gets the next).
 
     `BOT_INT8_KERNEL=avx2` keeps to AVX2 and `BOT_INT8_KERNEL=vnni` to AVX512-VNNI (benchmarks and
     tests compare the builds)."""
-    wants = os.environ.get("BOT_INT8_KERNEL", "").lower()
+    wants = _requested()
     flags = cpu_flags()
     choices = [list(FLAGS)]
     if {"avx512_vnni", "avx512vl", "avx512bw"} <= flags and wants != "avx2":
@@ -113,7 +118,7 @@ def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("BOT_INT8_KERNEL", "").lower() in ("0", "off", "false", "no"):
+    if _requested() in ("0", "off", "false", "no"):
         return None, "fbgemm (BOT_INT8_KERNEL=off)"
     if not _cpu_has_avx2():
         return None, "fbgemm (this CPU has no AVX2)"
