@@ -11,6 +11,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.client.streaming import split_message
 from bot.core.guild_settings import (
     DEFAULT_PACE_S,
     MAX_PACE_S,
@@ -58,7 +59,7 @@ def _where(target: int) -> str:
 
 
 def describe(config: GuildConfig) -> str:
-    """A server's settings in one message, for `/bot show`."""
+    """A server's settings, for `/bot show` (cut into messages Discord accepts there)."""
     lines = ["**Where I answer**"]
     if config.allowed:
         lines.append("Only in: " + ", ".join(_where(t) for t in sorted(config.allowed)))
@@ -153,12 +154,13 @@ class Config(commands.Cog):
 
     # ----- /bot ----------------------------------------------------------------------------------
 
-    @server.command(name="show", description="This server's settings for the bot, in one message.")
+    @server.command(name="show", description="This server's settings for the bot.")
     async def show(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)
         config = await self.settings.get(interaction.guild_id)
-        await interaction.followup.send(describe(config), ephemeral=True)
+        for piece in split_message(describe(config)):  # many places and personas outgrow one message
+            await interaction.followup.send(piece, ephemeral=True)
 
     @server.command(name="allow", description="Answer in this channel or category (then only in allowed places).")
     @app_commands.describe(channel="A channel or a category")

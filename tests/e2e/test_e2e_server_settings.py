@@ -108,6 +108,26 @@ async def test_allow_list_by_category_and_a_channel_entry_wins(scripted: tuple[B
     assert f"Only in: <#{lounge.id}>" in shown and f"Never in: <#{quiet.id}>" in shown
 
 
+async def test_bot_show_with_many_personas_comes_in_messages_discord_accepts(
+    scripted: tuple[BotHarness, ScriptedEngine],
+) -> None:
+    """Twelve channels with long personas are more than 2,000 characters: several ephemeral messages."""
+    harness, _ = scripted
+    fake, w = harness.fake, harness.fake.world
+    channels = [await fake.add_text_channel(f"room-{i}") for i in range(12)]
+    for channel in channels:
+        text = f"You are the keeper of #{channel.name}. " + "You answer in rhyme and never in prose. " * 5
+        assert "Persona set" in await run(fake, w.owner, channel, "persona set", text=text, scope="channel")
+    interaction = await fake.slash(w.owner, w.general, "bot show")
+    await private(fake, interaction)
+    await fake.wait_for(lambda: len(interaction.followups) >= 2, what="the rest of /bot show")
+    await asyncio.sleep(0.2)  # any piece still on its way
+    pieces = [f["content"] for f in interaction.followups]
+    assert all(len(p) <= 2000 and f["flags"] & EPHEMERAL for p, f in zip(pieces, interaction.followups, strict=True))
+    shown = "\n".join(pieces)
+    assert shown.startswith("**Where I answer**") and all(f"<#{c.id}>: `You are the keeper" in shown for c in channels)
+
+
 async def test_listening_channel_answers_without_a_mention_at_its_pace(
     scripted: tuple[BotHarness, ScriptedEngine],
 ) -> None:
