@@ -143,8 +143,7 @@ class Config(commands.Cog):
         assert interaction.guild_id is not None
         await interaction.response.defer(ephemeral=True, thinking=True)  # the database may take over 3 s
         try:
-            for kind, target, value in changes:
-                await self.settings.set(interaction.guild_id, kind, target, value)
+            await self.settings.set(interaction.guild_id, changes)  # all or none: one transaction
         except HistoryError as exc:
             log.warning("could not change the settings of server %s: %s", interaction.guild_id, exc)
             await interaction.followup.send(SAVE_FAILED, ephemeral=True)

@@ -37,7 +37,7 @@ async def test_a_copy_is_kept_and_dropped_on_change(tmp_path: Path) -> None:
     mine, theirs = GuildSettings(store), GuildSettings(store, ttl=60)
     try:
         assert (await theirs.get(1)).persona is None
-        await mine.set(1, "persona", 0, "pirate")
+        await mine.set(1, [("persona", 0, "pirate")])
         assert (await mine.get(1)).persona == "pirate"  # at once where it was changed
         assert (await theirs.get(1)).persona is None  # the other copy, until it expires
         theirs.ttl = 0

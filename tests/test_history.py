@@ -215,18 +215,18 @@ async def test_replace_last_reply_refused_after_a_clear(store: HistoryStore, cle
 
 async def test_guild_settings_round_trip_and_removal(store: HistoryStore) -> None:
     assert await store.guild_settings(100) == []
-    await store.set_guild_setting(100, "block", 11, "")
-    await store.set_guild_setting(100, "listen", 12, "5")
-    await store.set_guild_setting(100, "listen", 12, "9")  # replaced, not added
-    await store.set_guild_setting(100, "persona", 0, "Be kind \u00e9 '; DROP TABLE turns; --")
-    await store.set_guild_setting(200, "block_user", 2**62, "")
+    await store.set_guild_settings(100, [("block", 11, "")])
+    await store.set_guild_settings(100, [("listen", 12, "5")])
+    await store.set_guild_settings(100, [("listen", 12, "9")])  # replaced, not added
+    await store.set_guild_settings(100, [("persona", 0, "Be kind \u00e9 '; DROP TABLE turns; --")])
+    await store.set_guild_settings(200, [("block_user", 2**62, "")])
     assert await store.guild_settings(100) == [
         ("block", 11, ""),
         ("listen", 12, "9"),
         ("persona", 0, "Be kind \u00e9 '; DROP TABLE turns; --"),
     ]
-    assert await store.set_guild_setting(100, "block", 11, None)
-    assert not await store.set_guild_setting(100, "block", 11, None)  # nothing left to delete
+    assert await store.set_guild_settings(100, [("block", 11, None)]) == 1
+    assert await store.set_guild_settings(100, [("block", 11, None)]) == 0  # nothing left to delete
     await store.append(A, 7, Turn("user", "kept"))  # the history is another matter
     assert await store.delete_guild_settings(100) == 2
     assert await store.guild_settings(100) == []
@@ -234,11 +234,22 @@ async def test_guild_settings_round_trip_and_removal(store: HistoryStore) -> Non
     assert await store.get(A) == [Turn("user", "kept")]
 
 
+async def test_guild_settings_change_all_or_none(store: HistoryStore) -> None:
+    """/bot allow is a delete and an insert: a fault in the second leaves the first undone too."""
+    await store.set_guild_settings(100, [("block", 11, "")])
+    assert await store.set_guild_settings(100, [("block", 11, None), ("allow", 11, "")]) == 2
+    assert await store.guild_settings(100) == [("allow", 11, "")]
+    broken = [("allow", 11, None), (None, 12, "")]  # no kind: the database refuses the second row
+    with pytest.raises(HistoryError):
+        await store.set_guild_settings(100, broken)  # type: ignore[list-item]
+    assert await store.guild_settings(100) == [("allow", 11, "")]
+
+
 async def test_guild_settings_shared_by_two_stores(database: str) -> None:
     a = await open_store(database, max_turns=4)
     b = await open_store(database, max_turns=4)
     try:
-        await a.set_guild_setting(100, "persona", 0, "pirate")
+        await a.set_guild_settings(100, [("persona", 0, "pirate")])
         assert await b.guild_settings(100) == [("persona", 0, "pirate")]
         await b.delete_guild_settings(100)
         assert await a.guild_settings(100) == []
@@ -434,7 +445,7 @@ async def test_sqlite_version_3_file_migrated_in_place(tmp_path: Path) -> None:
     assert await store.get(A) == [Turn("user", "q", "Alice"), Turn("bot", "a")]
     assert (await store.snapshot(B, None)).epochs.channel == 1
     assert await store.guild_settings(100) == []
-    assert await store.set_guild_setting(100, "persona", 0, "You are {server}'s pirate.")
+    assert await store.set_guild_settings(100, [("persona", 0, "You are {server}'s pirate.")])
     await store.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 4

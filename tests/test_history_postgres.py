@@ -51,7 +51,7 @@ async def test_version_1_database_migrated_in_place(postgres_url: str) -> None:
     try:
         assert await store.get(Conversation(1, 100)) == [Turn("user", "old", "Alice"), Turn("bot", "answer")]
         assert await store.guild_settings(100) == []
-        await store.set_guild_setting(100, "block_role", 5, "")
+        await store.set_guild_settings(100, [("block_role", 5, "")])
         assert await store.guild_settings(100) == [("block_role", 5, "")]
     finally:
         await store.close()

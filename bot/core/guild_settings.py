@@ -19,10 +19,10 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bot.history import HistoryError, HistoryStore
+from bot.history import HistoryError, HistoryStore, SettingChange
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,11 @@ class GuildSettings:
             self._cache[guild_id] = (time.monotonic() + self.ttl, config)
         return config
 
-    async def set(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
-        """Store (or, with None, delete) one setting; in force in this process at once. Raises `HistoryError`."""
+    async def set(self, guild_id: int, changes: Sequence[SettingChange]) -> int:
+        """Store (or, with a value of None, delete) settings, all or none; in force in this process at
+        once. Returns how many rows changed. Raises `HistoryError`."""
         try:
-            return await self.store.set_guild_setting(guild_id, kind, target, value)
+            return await self.store.set_guild_settings(guild_id, changes)
         finally:
             self._forget_copy(guild_id)
 

@@ -20,6 +20,7 @@ ignores, its persona), read and written through `bot.core.guild_settings.GuildSe
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 from bot.core.types import Conversation, Turn
 
 POSTGRES_URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
+SettingChange = tuple[str, int, str | None]  # (kind, target, value), a value of None deleting the setting
 
 
 def most_turns(max_turns: int) -> int:
@@ -121,9 +123,10 @@ class HistoryStore(Protocol):
         """A server's settings rows: (kind, target, value), in the order of kind and target."""
         ...
 
-    async def set_guild_setting(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
-        """Store one setting of a server (replacing the one of that kind and target); `value` None deletes
-        it. True if something was stored or deleted."""
+    async def set_guild_settings(self, guild_id: int, changes: Sequence[SettingChange]) -> int:
+        """Apply `changes` to a server's settings in one transaction, all or none: each (kind, target,
+        value) replaces the setting of that kind and target, and a value of None deletes it. Returns
+        how many rows were stored or deleted."""
         ...
 
     async def delete_guild_settings(self, guild_id: int) -> int:

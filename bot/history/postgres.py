@@ -27,7 +27,7 @@ up to five minutes, so a server back after a minute's outage could still be left
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -35,7 +35,16 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.core.types import Conversation, Turn
-from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, most_turns, redact
+from bot.history import (
+    Epochs,
+    HistoryError,
+    HistoryUnavailable,
+    NewerSchema,
+    SettingChange,
+    Snapshot,
+    most_turns,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +295,24 @@ class PostgresHistoryStore:
             )
             return [(str(kind), int(target), str(value)) for kind, target, value in await cur.fetchall()]
 
-    async def set_guild_setting(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
-        async def write(cur: psycopg.AsyncCursor[Any]) -> bool:
-            if value is None:
+    async def set_guild_settings(self, guild_id: int, changes: Sequence[SettingChange]) -> int:
+        async def write(cur: psycopg.AsyncCursor[Any]) -> int:
+            changed = 0
+            for kind, target, value in changes:
+                if value is None:
+                    await cur.execute(
+                        "DELETE FROM guild_settings WHERE guild_id = %s AND kind = %s AND target = %s",
+                        (guild_id, kind, target),
+                    )
+                    changed += cur.rowcount
+                    continue
                 await cur.execute(
-                    "DELETE FROM guild_settings WHERE guild_id = %s AND kind = %s AND target = %s",
-                    (guild_id, kind, target),
+                    "INSERT INTO guild_settings (guild_id, kind, target, value) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (guild_id, kind, target) DO UPDATE SET value = excluded.value",
+                    (guild_id, kind, target, _no_nul(value)),
                 )
-                return cur.rowcount > 0
-            await cur.execute(
-                "INSERT INTO guild_settings (guild_id, kind, target, value) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (guild_id, kind, target) DO UPDATE SET value = excluded.value",
-                (guild_id, kind, target, _no_nul(value)),
-            )
-            return True
+                changed += 1
+            return changed
 
         return await self._transaction(write)
 

@@ -28,14 +28,22 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
 from bot.core.types import Conversation, Turn
-from bot.history import Epochs, HistoryError, HistoryUnavailable, NewerSchema, Snapshot, most_turns
+from bot.history import (
+    Epochs,
+    HistoryError,
+    HistoryUnavailable,
+    NewerSchema,
+    SettingChange,
+    Snapshot,
+    most_turns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,23 +344,24 @@ class SQLiteHistoryStore:
         )
         return [(str(kind), int(target), str(value)) for kind, target, value in rows]
 
-    async def set_guild_setting(self, guild_id: int, kind: str, target: int, value: str | None) -> bool:
-        def write() -> bool:
+    async def set_guild_settings(self, guild_id: int, changes: Sequence[SettingChange]) -> int:
+        def write() -> int:
+            changed = 0
             with self._transaction():
-                if value is None:
-                    return (
-                        self._db.execute(
+                for kind, target, value in changes:
+                    if value is None:
+                        changed += self._db.execute(
                             "DELETE FROM guild_settings WHERE guild_id = ? AND kind = ? AND target = ?",
                             (guild_id, kind, target),
                         ).rowcount
-                        > 0
+                        continue
+                    self._db.execute(
+                        "INSERT INTO guild_settings (guild_id, kind, target, value) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (guild_id, kind, target) DO UPDATE SET value = excluded.value",
+                        (guild_id, kind, target, value),
                     )
-                self._db.execute(
-                    "INSERT INTO guild_settings (guild_id, kind, target, value) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (guild_id, kind, target) DO UPDATE SET value = excluded.value",
-                    (guild_id, kind, target, value),
-                )
-                return True
+                    changed += 1
+            return changed
 
         return await self._run(write, write=True)
 
