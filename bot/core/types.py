@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["user", "bot"]
-# What a reply is: the model's answer ("ok"), or which notice was given instead.
+# What a reply is: the model's answer ("ok"), or which notice was given instead; one per row of
+# bot/core/outcomes.py (tests/test_outcomes.py checks the two agree).
 ReplyKind = Literal["ok", "busy", "timeout", "error", "closing", "empty", "stopped"]
 
 
