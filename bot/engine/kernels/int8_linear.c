@@ -56,6 +56,29 @@ static inline int32_t four_bytes(const uint8_t *x) {
 #define TILE_ROWS 8
 #define X_OFFSET 0x80 /* x is stored as x + 128 */
 
+/* out[i * n + c] for `rows` rows and the group's first `cols` channels from their exact sums, where
+ * sums[2 * i + j] holds row i's sums of channels 16j to 16j + 15: the one way both the VNNI tiles and
+ * the AMX blocks finish, so that their results are the same bits. */
+static inline __attribute__((always_inline)) void finish(const __m512i *sums, int64_t rows, const int32_t *sums128,
+                                                          const float *xs, const float *ws, const float *bias,
+                                                          int64_t cols, int64_t n, float *out) {
+    for (int j = 0; j < 2; j++) {
+        const int64_t left = cols - 16 * j;
+        if (left <= 0) break;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        const __m512i correction = _mm512_loadu_si512((const void *)(sums128 + 16 * j));
+        const __m512 col = _mm512_maskz_loadu_ps(mask, ws + 16 * j);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < rows; i++) {
+            const __m512i sum = _mm512_loadu_si512((const void *)(sums + 2 * i + j));
+            __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, correction));
+            y = _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(xs[i])), col);
+            if (bias) y = _mm512_add_ps(y, b);
+            _mm512_mask_storeu_ps(out + i * n + 16 * j, mask, y);
+        }
+    }
+}
+
 /* The exact sums of `rows` (1 to 8; a constant where inlined) rows of x with one group's 32 channels,
  * finished into out[r * n + c] for the group's first `cols` channels. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *x, const int rows, const int8_t *w,
@@ -72,20 +95,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *x, const i
             s[i][1] = _mm512_dpbusd_epi32(s[i][1], xb, w1);
         }
     }
-    for (int j = 0; j < 2; j++) {
-        const int64_t left = cols - 16 * j;
-        if (left <= 0) break;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        const __m512i correction = _mm512_loadu_si512((const void *)(sums128 + 16 * j));
-        const __m512 col = _mm512_maskz_loadu_ps(mask, ws + 16 * j);
-        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
-        for (int i = 0; i < rows; i++) {
-            __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[i][j], correction));
-            y = _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(xs[i])), col);
-            if (bias) y = _mm512_add_ps(y, b);
-            _mm512_mask_storeu_ps(out + i * n + 16 * j, mask, y);
-        }
-    }
+    finish(&s[0][0], rows, sums128, xs, ws, bias, cols, n, out);
 }
 #else
 #define KERNEL_ISA "AVX2"
@@ -215,26 +225,6 @@ static inline void amx_block(const uint8_t *x, int64_t kp, const int8_t *w, int3
     _tile_stored(3, acc + 16 * GROUP + 16, GROUP * 4);
 }
 
-/* out[i * n + c] for the first `rows` rows of a block and the group's first `cols` channels, from the
- * sums exactly as the VNNI tile finishes them. */
-static void amx_finish(const int32_t *acc, int64_t rows, const int32_t *sums128, const float *xs, const float *ws,
-                       const float *bias, int64_t cols, int64_t n, float *out) {
-    for (int j = 0; j < 2; j++) {
-        const int64_t left = cols - 16 * j;
-        if (left <= 0) break;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        const __m512i correction = _mm512_loadu_si512((const void *)(sums128 + 16 * j));
-        const __m512 col = _mm512_maskz_loadu_ps(mask, ws + 16 * j);
-        const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
-        for (int64_t i = 0; i < rows; i++) {
-            const __m512i sum = _mm512_loadu_si512((const void *)(acc + i * GROUP + 16 * j));
-            __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, correction));
-            y = _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(xs[i])), col);
-            if (bias) y = _mm512_add_ps(y, b);
-            _mm512_mask_storeu_ps(out + i * n + 16 * j, mask, y);
-        }
-    }
-}
 #else
 #define KERNEL_AMX 0
 static const int amx_granted = 0;
@@ -326,51 +316,44 @@ int int8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const int
     const int64_t groups = (n + GROUP - 1) / GROUP;
     if (threads < 1) threads = 1;
 #if KERNEL_AMX
-    if (amx) {
-        memset(xq + m * kp, X_OFFSET, (size_t)((rows_held - m) * kp));
-        #pragma omp parallel num_threads(threads)
-        {
-            int32_t acc[AMX_ROWS * GROUP];
-            amx_configure();
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < m; r++) xs[r] = quantize_row(x + r * k, k, kp, xq + r * kp);
-            for (int64_t m0 = 0; m0 < m; m0 += AMX_ROW_BLOCK) {
-                const int64_t m1 = m - m0 < AMX_ROW_BLOCK ? m : m0 + AMX_ROW_BLOCK;
-                #pragma omp for schedule(static) nowait
-                for (int64_t g = 0; g < groups; g++) {
-                    const int64_t c = g * GROUP, cols = n - c < GROUP ? n - c : GROUP;
-                    for (int64_t r = m0; r < m1; r += AMX_ROWS) {
-                        amx_block(xq + r * kp, kp, w + g * GROUP * kp, acc);
-                        amx_finish(acc, m1 - r < AMX_ROWS ? m1 - r : AMX_ROWS, sums128 + c, xs + r, ws + c,
-                                   bias ? bias + c : NULL, cols, n, out + r * n + c);
-                    }
-                }
-            }
-            _tile_release();
-        }
-        free(xq);
-        free(xs);
-        return 0;
-    }
+    if (amx) memset(xq + m * kp, X_OFFSET, (size_t)((rows_held - m) * kp));
+    const int64_t row_block = amx ? AMX_ROW_BLOCK : ROW_BLOCK, step = amx ? AMX_ROWS : TILE_ROWS;
+#else
+    const int64_t row_block = ROW_BLOCK, step = TILE_ROWS;
 #endif
     #pragma omp parallel num_threads(threads)
     {
+#if KERNEL_AMX
+        int32_t acc[AMX_ROWS * GROUP] __attribute__((aligned(64)));
+        if (amx) amx_configure();
+#endif
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; r++) xs[r] = quantize_row(x + r * k, k, kp, xq + r * kp);
-        for (int64_t m0 = 0; m0 < m; m0 += ROW_BLOCK) {
-            const int64_t m1 = m - m0 < ROW_BLOCK ? m : m0 + ROW_BLOCK;
+        for (int64_t m0 = 0; m0 < m; m0 += row_block) {
+            const int64_t m1 = m - m0 < row_block ? m : m0 + row_block;
             /* nowait: every row block splits the same column groups the same way (static), so a thread
              * only ever writes its own columns and needs no barrier between blocks */
             #pragma omp for schedule(static) nowait
             for (int64_t g = 0; g < groups; g++) {
                 const int64_t c = g * GROUP, cols = n - c < GROUP ? n - c : GROUP;
-                for (int64_t r = m0; r < m1; r += TILE_ROWS) {
-                    const int64_t rows = m1 - r < TILE_ROWS ? m1 - r : TILE_ROWS;
+                for (int64_t r = m0; r < m1; r += step) {
+                    const int64_t rows = m1 - r < step ? m1 - r : step;
+#if KERNEL_AMX
+                    if (amx) {
+                        amx_block(xq + r * kp, kp, w + g * GROUP * kp, acc);
+                        finish((const __m512i *)acc, rows, sums128 + c, xs + r, ws + c, bias ? bias + c : NULL,
+                               cols, n, out + r * n + c);
+                        continue;
+                    }
+#endif
                     tile_rows(xq + r * kp, rows, w + g * GROUP * kp, kp, sums128 + c, xs + r, ws + c,
                               bias ? bias + c : NULL, cols, n, out + r * n + c);
                 }
             }
         }
+#if KERNEL_AMX
+        if (amx) _tile_release();
+#endif
     }
     free(xq);
     free(xs);
